@@ -1,0 +1,52 @@
+"""
+One entry point: `picochat <stage> [flags]` == `python -m picochat <stage> [flags]`,
+also under torchrun: `torchrun --nproc_per_node=8 -m picochat base-train --depth=24`.
+Each stage is a module with a `main(argv)` function; it is imported only when run.
+"""
+import sys
+import importlib
+
+# stage -> (module, one-line help). Order is the pipeline order.
+STAGES = {
+    "data":            ("picochat.dataset", "download pretraining shards (data download -n N)"),
+    "tok-train":       ("picochat.tok_train", "train the BPE tokenizer on the pretraining shards"),
+    "tok-eval":        ("picochat.tok_eval", "compression (bytes/token) of our tokenizer vs GPT-2/GPT-4"),
+    "base-train":      ("picochat.base_train", "pretrain a GPT; every hyperparameter follows from --depth"),
+    "base-eval":       ("picochat.base_eval", "evaluate a base checkpoint: CORE, bits per byte, samples"),
+    "gen-identity":    ("picochat.gen_identity", "write synthetic identity conversations for SFT"),
+    "chat-sft":        ("picochat.chat_sft", "supervised finetuning into a chat model"),
+    "chat-rl":         ("picochat.chat_rl", "reinforcement learning on GSM8K (simplified GRPO)"),
+    "chat-eval":       ("picochat.chat_eval", "chat benchmarks: ARC, MMLU, GSM8K, HumanEval, SpellingBee; ChatCORE"),
+    "chat":            ("picochat.chat_cli", "talk to a model in the terminal"),
+    "serve":           ("picochat.serve", "OpenAI-compatible API server and web UI"),
+    "infer-bench":     ("picochat.infer_bench", "inference benchmark: prefill, TTFT, TPOT, MBU/MFU"),
+    "export":          ("picochat.export", "export a checkpoint to Hugging Face transformers format"),
+    "import-nanochat": ("picochat.import_nanochat", "convert a nanochat checkpoint into a picochat one"),
+    "report":          ("picochat.report", "render the run's report card (report.md + plots)"),
+}
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = ["usage: picochat <stage> [flags]   (also: python -m picochat, torchrun -m picochat)", "", "stages:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in STAGES.items()]
+    lines += ["", "picochat <stage> --help shows a stage's flags."]
+    return "\n".join(lines)
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage in ("-V", "--version"):
+        from picochat import __version__
+        print(__version__)
+        return 0
+    if stage not in STAGES:
+        print(f"picochat: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[stage][0])
+    return module.main(rest) or 0
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""
+Shared runtime: artifact paths, device and dtype, distributed init, rank-0 printing,
+atomic file writes, and the peak FLOPs / bandwidth tables used for MFU and MBU.
+Everything else in picochat imports from here; this module imports nothing of ours.
+"""
+import os
+import sys
+import json
+import logging
+import tempfile
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Paths
+
+def get_base_dir() -> Path:
+    """Artifact root: $PICOCHAT_HOME, default ~/.cache/picochat. Created on demand."""
+    base = os.environ.get("PICOCHAT_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "picochat")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; on success it is renamed over `path`.
+    A crash mid-write leaves at most a stray temp file, never a half-written `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:  # make the bytes durable before the rename publishes them
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def atomic_write_text(path, text: str):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+# -----------------------------------------------------------------------------
+# Logging
+
+class _ColorFormatter(logging.Formatter):
+    COLORS = {"WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[1;31m"}
+    def format(self, record):
+        msg = super().format(record)
+        color = self.COLORS.get(record.levelname)
+        if color and sys.stderr.isatty():
+            msg = f"{color}{msg}\033[0m"
+        return msg
+
+def setup_logging(level=logging.INFO):
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ColorFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("picochat")
+    if not root.handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    return root
+
+logger = setup_logging()
+
+def get_dist_info():
+    """(is_distributed, rank, local_rank, world_size) from torchrun's environment."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+def is_master() -> bool:
+    return get_dist_info()[1] == 0
+
+def print0(*args, **kwargs):
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+def warn0(msg: str):
+    if is_master():
+        logger.warning(msg)
+
+# -----------------------------------------------------------------------------
+# Device and precision
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+def compute_dtype_for(device_type: str) -> torch.dtype:
+    """The ONE compute dtype for activations. Master weights always stay fp32.
+    bf16 on CUDA SM80+, fp32 elsewhere (pre-Ampere has no fast bf16; CPU bf16 matmuls are slow);
+    PICOCHAT_DTYPE overrides (e.g. bf16 on MPS to save memory, fp16 + GradScaler on V100/T4)."""
+    override = os.environ.get("PICOCHAT_DTYPE")
+    if override:
+        if override not in _DTYPES:
+            raise ValueError(f"PICOCHAT_DTYPE={override!r} is not one of {sorted(set(_DTYPES))}")
+        return _DTYPES[override]
+    if device_type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+        return torch.bfloat16
+    return torch.float32
+
+@dataclass
+class Runtime:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    device_type: str
+    dtype: torch.dtype
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+def compute_init(device_type: str = "", seed: int = 42) -> Runtime:
+    """Pick the device, seed, and join the process group if torchrun launched us.
+    NCCL on CUDA, gloo elsewhere, so multi-process runs work (and are tested) on CPU."""
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type cuda was requested but torch.cuda.is_available() is False. "
+                           "Install a CUDA build of torch or pass --device-type cpu.")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device-type mps was requested but MPS is not available. Pass --device-type cpu.")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank if ddp else 0)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if ddp and world_size > 1 and not dist.is_initialized():
+        if device_type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        dist.barrier()
+    return Runtime(ddp and world_size > 1, rank, local_rank, world_size, device, device_type,
+                   compute_dtype_for(device_type))
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+def synchronize(device_type: str):
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+def max_memory_allocated(device_type: str) -> int:
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return 0
+
+def device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    if device_type == "mps":
+        return "Apple MPS"
+    import platform
+    return platform.processor() or platform.machine() or "cpu"
+
+# -----------------------------------------------------------------------------
+# Peak tables (dense bf16 FLOP/s; HBM bytes/s). Matched by substring, first hit wins,
+# so the more specific names come first. Unknown devices return None: MFU is then
+# reported as unknown rather than as a wrong number.
+
+_PEAK_FLOPS = [
+    ("gb200", 2.5e15), ("grace blackwell", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
+    ("h200 nvl", 836e12), ("h200 pcie", 836e12), ("h200", 989e12),
+    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
+    ("h800 nvl", 989e12), ("h800", 756e12),
+    ("a100", 312e12), ("a800", 312e12), ("a40", 149.7e12), ("a30", 165e12),
+    ("l40s", 362e12), ("l4", 121e12),
+    ("mi355", 2.5e15), ("mi325", 1.3074e15), ("mi300x", 1.3074e15), ("mi300a", 980.6e12),
+    ("mi250x", 383e12), ("mi250", 362.1e12),
+    ("5090", 209.5e12), ("4090", 165.2e12), ("3090", 71e12),
+]
+
+_PEAK_BANDWIDTH = [
+    ("gb200", 8.0e12), ("b200", 8.0e12), ("b100", 8.0e12), ("h200", 4.8e12),
+    ("h100 nvl", 3.9e12), ("h100 pcie", 2.0e12), ("h100", 3.35e12),
+    ("h800 pcie", 2.0e12), ("h800", 3.35e12), ("a100", 2.0e12), ("a800", 2.0e12),
+    ("a40", 696e9), ("a30", 933e9), ("l40s", 864e9), ("l4", 300e9),
+    ("mi355", 8e12), ("mi325", 6e12), ("mi300x", 5.3e12), ("mi300a", 5.3e12), ("mi250", 3.28e12),
+    ("5090", 1.79e12), ("4090", 1.01e12), ("3090", 936e9),
+]
+
+def _lookup(table, name):
+    name = name.lower()
+    if "data center gpu max 1550" in name and table is _PEAK_FLOPS:
+        cus = torch.xpu.get_device_properties().max_compute_units if hasattr(torch, "xpu") else 0
+        return 512 * cus * 1300e6 if cus else None
+    for key, value in table:
+        if key in name:
+            return value
+    return None
+
+def get_peak_flops(name: str):
+    """Dense bf16 peak FLOP/s for a device name, or None when unknown."""
+    return _lookup(_PEAK_FLOPS, name)
+
+def get_peak_bandwidth(name: str):
+    """Peak memory bandwidth in bytes/s for a device name, or None when unknown."""
+    return _lookup(_PEAK_BANDWIDTH, name)
+
+def measure_cpu_matmul_peak(n: int = 1024, iters: int = 10, dtype=torch.float32) -> float:
+    """Measured fp32 matmul FLOP/s on this CPU: the honest 'peak' for CPU MFU."""
+    import time
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+def format_mfu(mfu) -> str:
+    return "unknown" if mfu is None else f"{mfu:.2f}%"
+
+# -----------------------------------------------------------------------------
+
+class DummyWandb:
+    """Stands in for wandb when it is not installed or no run name was given."""
+    def log(self, *args, **kwargs):
+        pass
+    def finish(self):
+        pass
+
+def init_wandb(project: str, run: str, config: dict, master: bool):
+    """wandb only when installed AND a run name other than 'dummy' is given; never required."""
+    if not master or not run or run == "dummy":
+        return DummyWandb()
+    try:
+        import wandb
+    except ImportError:
+        logger.warning("--run was given but wandb is not installed; logging to metrics.jsonl only")
+        return DummyWandb()
+    return wandb.init(project=project, name=run, config=config)

@@ -1,0 +1,62 @@
+"""Shared fixtures: isolated PICOCHAT_HOME, the real-data mirror (../shared/data), tiny tokenizer."""
+import os
+import threading
+import functools
+from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PICOCHAT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A little varied text for tiny in-process tokenizers: prose, digits, code, unicode.
+TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "It was the best of times, it was the worst of times, it was the age of wisdom.",
+    "In 1842, 17 ships sailed 3,000 miles; 12.5% returned by 1850.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+    "Héllo wörld! Ça va? 你好，世界。 안녕하세요 🙂",
+    "User: what is 6*7?\nAssistant: 6*7 = 42.",
+    "She said, 'I'll go if you're going, and we've time.'",
+]
+
+@pytest.fixture
+def picochat_home(tmp_path, monkeypatch):
+    """A fresh artifact root for one test; no test touches ~/.cache/picochat."""
+    home = tmp_path / "picochat_home"
+    home.mkdir()
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+    monkeypatch.delenv("PICOCHAT_MIRROR", raising=False)
+    return home
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """../shared/data (the real datasets); the test is skipped, saying why, when it is absent."""
+    if not (SHARED_DATA / "README.md").exists():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set PICOCHAT_SHARED_DATA to its location)")
+    return SHARED_DATA
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+@pytest.fixture(scope="session")
+def mirror_url(shared_data):
+    """../shared/data served over loopback HTTP, laid out as a PICOCHAT_MIRROR."""
+    handler = functools.partial(_QuietHandler, directory=str(shared_data))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A throwaway byte-level BPE (vocab 512) trained in-process on TINY_CORPUS."""
+    from picochat.tokenizer import Tokenizer
+    return Tokenizer.train_from_iterator(iter(TINY_CORPUS * 4), vocab_size=512)
