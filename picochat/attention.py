@@ -1,0 +1,159 @@
+"""
+Attention backends: Flash Attention 3 on Hopper (and Ampere/Ada where the hub kernel loads), PyTorch SDPA
+everywhere else. Two entry points, both taking the (B, T, H, D) layout the model uses:
+
+    attention(q, k, v, window)                                   # training / full forward, causal
+    attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, window)
+                                                                # inference: writes k, v into the cache in place
+
+`window` is the number of PREVIOUS keys a query may see (the query itself is always seen), i.e. FA3's
+window_size=(window, 0). window >= the number of keys means plain causal attention.
+
+Backend choice: FA3 when it is loadable (CUDA, `kernels` installed, the hub kernel downloads) and the tensors
+are bf16 (FA3 is bf16/fp16 only; picochat uses it for bf16). Override with env PICOCHAT_ATTN=sdpa|fa3 or by
+setting `attention.OVERRIDE = "sdpa" | "fa3" | None` (tests do that).
+
+Example:
+    python -c "from picochat import attention; print(attention.backend_name())"
+"""
+import os
+import math
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from picochat.common import logger
+
+OVERRIDE = None  # None = auto; "sdpa" or "fa3" forces a backend (tests, debugging)
+
+# -----------------------------------------------------------------------------
+# FA3 loading (lazy, cached). Nothing is compiled at install time: the HF kernel hub ships prebuilt binaries.
+
+_FA3_ERROR = None  # why FA3 is unavailable, for the message
+
+@functools.lru_cache(maxsize=1)
+def _load_fa3():
+    """Return the FA3 interface module or None (reason kept in _FA3_ERROR)."""
+    global _FA3_ERROR
+    if not torch.cuda.is_available():
+        _FA3_ERROR = "no CUDA device"
+        return None
+    major, _ = torch.cuda.get_device_capability()
+    if major == 9:
+        repo = "varunneal/flash-attention-3"      # Hopper build
+    elif major == 8:
+        repo = "kernels-community/flash-attn3"    # Ampere/Ada build, where it loads
+    else:
+        _FA3_ERROR = f"compute capability {major}.x has no FA3 build (Hopper/Ampere only)"
+        return None
+    try:
+        from kernels import get_kernel
+    except ImportError:
+        _FA3_ERROR = "the `kernels` package is not installed (pip install -e '.[gpu]')"
+        return None
+    try:
+        mod = get_kernel(repo)
+    except Exception as e:  # network, ABI, missing build for this torch
+        _FA3_ERROR = f"get_kernel({repo!r}) failed: {type(e).__name__}: {e}"
+        return None
+    return getattr(mod, "flash_attn_interface", mod)
+
+def _requested() -> str:
+    req = OVERRIDE or os.environ.get("PICOCHAT_ATTN", "") or "auto"
+    if req not in ("auto", "sdpa", "fa3"):
+        raise ValueError(f"PICOCHAT_ATTN={req!r} is not one of auto, sdpa, fa3")
+    return req
+
+def use_fa3(dtype: torch.dtype = torch.bfloat16, device_type: str = "cuda") -> bool:
+    """Whether a call with tensors of this dtype/device goes to FA3."""
+    req = _requested()
+    if req == "sdpa":
+        return False
+    ok = device_type == "cuda" and dtype == torch.bfloat16 and _load_fa3() is not None
+    if req == "fa3" and not ok:
+        why = _FA3_ERROR if _load_fa3() is None else f"FA3 needs bf16 CUDA tensors, got {dtype} on {device_type}"
+        raise RuntimeError(f"PICOCHAT_ATTN=fa3 was requested but FA3 cannot run: {why}. "
+                           "Unset PICOCHAT_ATTN (or set it to sdpa) to use PyTorch SDPA.")
+    return ok
+
+def backend_name(dtype: torch.dtype = torch.bfloat16, device_type: str = None) -> str:
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    return "fa3" if use_fa3(dtype, device_type) else "sdpa"
+
+@functools.lru_cache(maxsize=1)
+def _warn_window_masks():
+    logger.warning("!" * 80 + "\nSDPA has no native sliding window: building explicit attention masks for the short-window "
+                   "layers. This is slower; use --window-pattern L when FA3 is unavailable (CPU, MPS, fp16/fp32).\n"
+                   + "!" * 80)
+
+# -----------------------------------------------------------------------------
+# SDPA paths
+
+def _window_mask(Tq: int, Tk: int, window: int, device) -> torch.Tensor:
+    """Boolean (Tq, Tk) mask, True = may attend. Query i sits at absolute position (Tk - Tq + i);
+    it sees keys j with pos - window <= j <= pos."""
+    q_pos = torch.arange(Tk - Tq, Tk, device=device).unsqueeze(1)
+    k_pos = torch.arange(Tk, device=device).unsqueeze(0)
+    return (k_pos <= q_pos) & (k_pos >= q_pos - window)
+
+def _sdpa(q, k, v, window: int, scale=None):
+    """q (B,Tq,H,D), k/v (B,Tk,Hkv,D); the queries are the LAST Tq positions of the Tk keys."""
+    Tq, Tk = q.size(1), k.size(1)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.size(1) != k.size(1)
+    first_query_pos = Tk - Tq
+    if window >= Tk - 1:
+        # every query sees its whole causal prefix: no explicit mask needed
+        if Tq == Tk:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        elif Tq == 1:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, scale=scale, enable_gqa=gqa)
+        else:
+            mask = _window_mask(Tq, Tk, Tk, q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    elif Tq == 1:
+        # single-token decode: keep only the last window+1 keys (pitfall 6: the window must hold here too)
+        k, v = k[:, :, -(window + 1):], v[:, :, -(window + 1):]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=False, scale=scale, enable_gqa=gqa)
+    else:
+        _warn_window_masks()
+        # keys before (first query - window) are invisible to every query: drop them
+        start = max(0, first_query_pos - window)
+        k, v = k[:, :, start:], v[:, :, start:]
+        mask = _window_mask(Tq, Tk - start, window, q.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+# -----------------------------------------------------------------------------
+# Public API
+
+def attention(q, k, v, window: int, scale: float = None):
+    """Causal self-attention with a sliding window. q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D).
+    scale: softmax scale (default 1/sqrt(D))."""
+    if use_fa3(q.dtype, q.device.type):
+        fa3 = _load_fa3()
+        y = fa3.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=(window, 0))
+        return y[0] if isinstance(y, tuple) else y
+    return _sdpa(q, k, v, window, scale)
+
+def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, window: int, pos: int = None,
+                           scale: float = None):
+    """Attention for inference. k_cache/v_cache (B, T_max, Hkv, D) are one layer's cache; the new k, v
+    (B,T,Hkv,D) are written at position cache_seqlens (int32 (B,), all rows equal) IN PLACE, then q
+    (B,T,H,D) attends causally (with the window) over everything cached so far. Works for prefill (T>1,
+    also chunked onto an existing cache) and single-token decode. The caller advances cache_seqlens.
+    `pos` (= cache_seqlens[0]) may be passed as a Python int to avoid a device sync per layer."""
+    if use_fa3(q.dtype, q.device.type):
+        fa3 = _load_fa3()
+        y = fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                        softmax_scale=scale, causal=True, window_size=(window, 0))
+        return y[0] if isinstance(y, tuple) else y
+    T = q.size(1)
+    if pos is None:
+        pos = int(cache_seqlens[0].item())
+    if pos + T > k_cache.size(1):
+        raise ValueError(f"KV cache overflow: position {pos} + {T} new tokens > cache length {k_cache.size(1)}")
+    k_cache[:, pos:pos + T] = k
+    v_cache[:, pos:pos + T] = v
+    return _sdpa(q, k_cache[:, :pos + T], v_cache[:, :pos + T], window, scale)

@@ -1,0 +1,231 @@
+"""
+Evaluate a base checkpoint: CORE (DCLM, 22 tasks), bits per byte on train/val, and samples.
+
+Examples:
+    picochat base-eval                                  # core,bpb,sample on the largest base model, last step
+    picochat base-eval --eval core --max-per-task 100   # quick partial CORE (not comparable with full CORE)
+    PICOCHAT_MIRROR=/work/shared/data picochat base-eval --eval core   # CORE bundle from a mirror's core/
+    picochat base-eval --eval core --bundle-dir ~/eval_bundle            # a local bundle directory
+    torchrun --standalone --nproc_per_node=8 -m picochat base-eval --model-tag d24
+
+CORE bundle source, first match wins: --bundle-dir; PICOCHAT_MIRROR (files core/core.yaml,
+core/eval_meta_data.csv and core/eval_data/<uri> for each task in core.yaml, fetched into
+$PICOCHAT_HOME/eval_bundle); an existing $PICOCHAT_HOME/eval_bundle; the reference's public eval_bundle.zip.
+Tasks whose data file is missing are reported ("CORE over 21/22 tasks, missing: coqa"), never dropped silently.
+Results: $PICOCHAT_HOME/base_eval/<model-tag>_<step>.csv (Task, Accuracy, Centered; last row CORE).
+"""
+import csv
+import json
+import shutil
+import zipfile
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from picochat.common import get_base_dir, compute_init, compute_cleanup, print0, warn0, atomic_path, logger
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+# -----------------------------------------------------------------------------
+# The CORE bundle
+
+def _validate_zip(path):
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+        if bad is not None:
+            raise ValueError(f"corrupt member {bad}")
+
+
+def _fetch_zip_bundle(dest: Path):
+    from picochat import fetch
+    zpath = get_base_dir() / "eval_bundle.zip"
+    fetch.download_locked("eval_bundle.zip", EVAL_BUNDLE_URL, zpath, validate=_validate_zip)
+    tmp = Path(tempfile.mkdtemp(prefix="eval_bundle.", dir=get_base_dir()))
+    try:
+        with zipfile.ZipFile(zpath) as z:
+            z.extractall(tmp)
+        found = [p.parent for p in tmp.rglob("core.yaml")]
+        if not found:
+            raise FileNotFoundError(f"{zpath} has no core.yaml; delete it and retry, or use --bundle-dir")
+        if not dest.exists():
+            found[0].rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bundle_dir(local_dir=None) -> Path:
+    """The directory holding core.yaml / eval_meta_data.csv / eval_data/ (fetching what is needed)."""
+    from picochat import fetch
+    if local_dir:
+        d = Path(local_dir).expanduser()
+        if not (d / "core.yaml").exists():
+            raise FileNotFoundError(f"--bundle-dir {d} has no core.yaml (expected core.yaml, eval_meta_data.csv, "
+                                    "eval_data/...)")
+        return d
+    dest = get_base_dir() / "eval_bundle"
+    if fetch.get_mirror():
+        for name in ("core.yaml", "eval_meta_data.csv"):
+            fetch.download_locked(f"core/{name}", None, dest / name, progress=False)
+        return dest
+    if not (dest / "core.yaml").exists():
+        _fetch_zip_bundle(dest)
+    return dest
+
+
+def _read_jsonl(path: Path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_core_tasks(local_dir=None, labels=None):
+    """-> (tasks, missing labels, number of tasks asked for). Each task: label, task_type, num_fewshot,
+    continuation_delimiter, random_baseline (percent), data (list of items)."""
+    import yaml
+    from picochat import fetch
+    root = bundle_dir(local_dir)
+    config = yaml.safe_load((root / "core.yaml").read_text(encoding="utf-8"))
+    baselines = {}
+    with open(root / "eval_meta_data.csv", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            baselines[r["Eval Task"]] = float(r["Random baseline"])
+    entries = config["icl_tasks"]
+    if labels:
+        unknown = set(labels) - {e["label"] for e in entries}
+        if unknown:
+            raise ValueError(f"unknown CORE task(s) {sorted(unknown)}; core.yaml has {[e['label'] for e in entries]}")
+        entries = [e for e in entries if e["label"] in labels]
+    tasks, missing, cache = [], [], {}
+    for e in entries:
+        uri = e["dataset_uri"].removeprefix("local_data/")  # DCLM's yaml prefix; the bundle's are relative
+        path = root / "eval_data" / uri
+        if not path.exists() and fetch.get_mirror() and not local_dir:
+            try:
+                fetch.download_locked(f"core/eval_data/{uri}", None, path, progress=False, retries=2)
+            except Exception as err:
+                logger.warning(f"CORE task {e['label']}: could not fetch {uri} ({err})")
+        if not path.exists():
+            missing.append(e["label"])
+            continue
+        if path not in cache:
+            cache[path] = _read_jsonl(path)
+        if e["label"] not in baselines:
+            raise ValueError(f"eval_meta_data.csv has no 'Random baseline' for task {e['label']!r}")
+        shots = e.get("num_fewshot", [0])
+        tasks.append({"label": e["label"], "task_type": e["icl_task_type"],
+                      "num_fewshot": shots[0] if isinstance(shots, list) else int(shots),
+                      "continuation_delimiter": e.get("continuation_delimiter", " "),
+                      "random_baseline": baselines[e["label"]], "data": cache[path]})
+    if missing:
+        warn0(f"CORE over {len(tasks)}/{len(entries)} tasks: missing data for {', '.join(missing)}")
+    return tasks, missing, len(entries)
+
+# -----------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="picochat base-eval", description="Evaluate a base model checkpoint.")
+    p.add_argument("--eval", default="core,bpb,sample", help="comma list of core, bpb, sample")
+    p.add_argument("--model-tag", default=None)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: last complete)")
+    p.add_argument("--max-per-task", type=int, default=-1, help="CORE items per task (-1 = all)")
+    p.add_argument("--tasks", default=None, help="comma list of CORE task labels (default: all in core.yaml)")
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
+    p.add_argument("--device-type", default="")
+    p.add_argument("--bundle-dir", default=None, help="local CORE bundle directory (core.yaml, ...)")
+    p.add_argument("--data-dir", default=None, help="parquet shards for bpb (default $PICOCHAT_HOME/data/climbmix)")
+    p.add_argument("--mirror", default=None, help="PICOCHAT_MIRROR for this run (URL or directory)")
+    return p
+
+
+def write_csv(path: Path, results: dict, centered: dict, core: float):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}\n")
+            for label in results:
+                f.write(f"{label:<35}, {results[label]:<10.6f}, {centered[label]:<10.6f}\n")
+            f.write(f"{'CORE':<35}, {'':<10}, {core:<10.6f}\n")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from picochat import checkpoint as ckpt
+    from picochat.core_eval import evaluate_core
+    if args.mirror:
+        from picochat import fetch
+        fetch.set_mirror(args.mirror)
+    evals = {e.strip() for e in args.eval.split(",") if e.strip()}
+    if evals - {"core", "bpb", "sample"}:
+        raise ValueError(f"--eval accepts core, bpb, sample; got {sorted(evals - {'core', 'bpb', 'sample'})}")
+    rt = compute_init(args.device_type)
+    model, tokenizer, meta = ckpt.load_model("base", rt.device, phase="eval", model_tag=args.model_tag,
+                                             step=args.step)
+    step = meta["step"]
+    model_tag = args.model_tag or ckpt.find_largest_model(get_base_dir() / "checkpoints" / "base")
+    T = model.config.sequence_len
+    print0(f"base-eval: {model_tag} step {step} on {rt.device_type}")
+    section = {"model_tag": model_tag, "step": step}
+
+    if "sample" in evals and rt.master:
+        from picochat.base_train import sample_prompts
+        print0("conditioned samples (greedy, 16 tokens):")
+        samples = sample_prompts(model, tokenizer)
+        for s in samples:
+            print0(f"  {s!r}")
+        try:
+            from picochat.engine import Engine
+            bos = tokenizer.get_bos_token_id()
+            results, _ = Engine(model, tokenizer).generate_batch([bos], num_samples=8, max_tokens=128,
+                                                                 temperature=1.0)
+            print0("unconditioned samples (temperature 1.0, 128 tokens):")
+            for r in results:
+                print0(f"  {tokenizer.decode(r)!r}")
+        except ImportError:
+            pass
+        section["samples"] = samples
+
+    if "bpb" in evals:
+        from picochat.dataloader import pretrain_batches
+        from picochat.loss_eval import evaluate_bpb
+        from picochat.tokenizer import get_token_bytes
+        token_bytes = get_token_bytes(rt.device)
+        tokens_per_step = args.device_batch_size * T * rt.world_size
+        steps = max(1, args.split_tokens // tokens_per_step)
+        for split in ("train", "val"):
+            loader = pretrain_batches(tokenizer, args.device_batch_size, T, split, rt.device, data_dir=args.data_dir)
+            bpb = evaluate_bpb(model, loader, steps, token_bytes)
+            del loader
+            print0(f"{split} bpb: {bpb:.6f}")
+            section[f"{split}_bpb"] = bpb
+
+    if "core" in evals:
+        labels = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+        tasks, missing, total = load_core_tasks(args.bundle_dir, labels)
+        out = evaluate_core(model, tokenizer, tasks, max_per_task=args.max_per_task, device=rt.device,
+                            batch_size=args.device_batch_size, max_len=getattr(model, "rotary_len", None),
+                            log=print0)
+        coverage = f"CORE over {len(tasks)}/{total} tasks" + (f" (missing: {', '.join(missing)})" if missing else "")
+        print0(f"CORE metric: {out['core_metric']:.4f}  [{coverage}]")
+        if args.max_per_task > 0:
+            print0(f"(partial CORE: at most {args.max_per_task} items per task; not comparable with full CORE)")
+        if rt.master:
+            path = get_base_dir() / "base_eval" / f"{model_tag}_{step:06d}.csv"
+            write_csv(path, out["results"], out["centered_results"], out["core_metric"])
+            print0(f"wrote {path}")
+        section.update({"core_metric": out["core_metric"], "coverage": coverage, "missing_tasks": missing,
+                        "tasks_used": len(tasks), "tasks_total": total, "max_per_task": args.max_per_task,
+                        "results": out["results"], "centered_results": out["centered_results"]})
+
+    if rt.master:
+        try:
+            from picochat import report
+            report.log_section("base-evaluation", section)
+        except ImportError:
+            warn0("picochat.report is not available; the base-evaluation report section was not written")
+    compute_cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""
+Talk to a model in the terminal, with streaming output.
+
+    picochat chat                          # latest available model: rl > sft > base
+    picochat chat -i sft -t 0.8 -k 50      # a chosen stage, temperature, top-k
+    picochat chat -p "Why is the sky blue?"   # one-shot: answer once and exit
+    picochat chat -i base -p "The capital of France is"   # base models continue plain text
+    picochat chat -i sft -g d12 -s 800 --device-type cpu
+
+Commands in interactive mode: `clear` starts a new conversation, `exit` / `quit` (or Ctrl-D) leaves;
+empty input is ignored. Long conversations never crash: the engine drops the oldest turns (keeping the
+first one) when the context fills up (see picochat/engine.py).
+"""
+import sys
+import random
+import argparse
+
+import torch
+
+from picochat.common import compute_init, get_base_dir
+
+SOURCES_BY_PREFERENCE = ("rl", "sft", "base")
+
+def pick_source(model_tag=None) -> str:
+    """The most finished stage with a complete checkpoint (rl > sft > base)."""
+    from picochat.checkpoint import find_last_step, find_largest_model
+    for source in SOURCES_BY_PREFERENCE:
+        stage_dir = get_base_dir() / "checkpoints" / source
+        try:
+            tag = model_tag or find_largest_model(stage_dir)
+        except FileNotFoundError:
+            continue
+        if find_last_step(stage_dir / tag) is not None:
+            return source
+    raise FileNotFoundError(f"no complete checkpoint under {get_base_dir() / 'checkpoints'} (looked in "
+                            f"{', '.join(SOURCES_BY_PREFERENCE)}); train one first (picochat base-train / chat-sft), "
+                            f"or set PICOCHAT_HOME to where your checkpoints are")
+
+def tokens_to_parts(tokens, tokenizer) -> list:
+    """An assistant reply's tokens -> message content parts (text / python / python_output), so the next
+    turn re-renders tool calls with their special tokens rather than as literal text."""
+    sp = tokenizer.encode_special
+    opens = {sp("<|python_start|>"): "python", sp("<|output_start|>"): "python_output"}
+    closes = {sp("<|python_end|>"), sp("<|output_end|>")}
+    parts, kind, buf = [], "text", []
+    def flush():
+        if buf:
+            parts.append({"type": kind, "text": tokenizer.decode(buf)})
+    for t in tokens:
+        if t in opens:
+            flush(); kind, buf = opens[t], []
+        elif t in closes:
+            flush(); kind, buf = "text", []
+        else:
+            buf.append(t)
+    flush()
+    return parts
+
+def stream_reply(engine, tokenizer, prompt, args, out=sys.stdout) -> list:
+    """Generate one sample, printing text as soon as it is complete UTF-8; returns the reply tokens."""
+    from picochat.engine import TextStreamer
+    streamer = TextStreamer(tokenizer)
+    terminal = {engine.assistant_end, engine.bos}
+    seed = args.seed if args.seed is not None else random.randrange(2 ** 31)
+    reply = []
+    for column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, seed=seed):
+        token = column[0]
+        if token in terminal:
+            break
+        reply.append(token)
+        out.write(streamer.add(token))
+        out.flush()
+    out.write(streamer.finish() + "\n")
+    out.flush()
+    return reply
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="picochat chat", description="Chat with a picochat model in the terminal")
+    parser.add_argument("-i", "--source", choices=SOURCES_BY_PREFERENCE, default=None,
+                        help="checkpoint stage (default: the latest available, rl > sft > base)")
+    parser.add_argument("-g", "--model-tag", default=None, help="model tag, e.g. d12 (default: the largest)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last complete)")
+    parser.add_argument("-p", "--prompt", default=None, help="one-shot mode: answer this prompt and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6)
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="0 = no top-k")
+    parser.add_argument("-m", "--max-tokens", type=int, default=256, help="max new tokens per reply")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per reply)")
+    parser.add_argument("--sandbox", action="store_true", help="let the python tool run code in the sandbox")
+    parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
+    args = parser.parse_args(argv)
+    if args.temperature < 0:
+        parser.error("--temperature must be >= 0")
+    if args.max_tokens < 1:
+        parser.error("--max-tokens must be >= 1")
+
+    from picochat.checkpoint import load_model
+    from picochat.engine import Engine
+    rt = compute_init(args.device_type)
+    try:
+        source = args.source or pick_source(args.model_tag)
+        model, tokenizer, meta = load_model(source, rt.device, phase="eval", model_tag=args.model_tag, step=args.step)
+    except FileNotFoundError as e:
+        print(f"picochat chat: {e}", file=sys.stderr)
+        return 1
+    engine = Engine(model, tokenizer, sandbox=args.sandbox)
+    is_chat = source != "base"
+    print(f"Loaded the {source} model (step {meta.get('step')}, {model.config.n_layer} layers) on {rt.device}. "
+          + ("Chat mode." if is_chat else "Base model: plain-text continuation, no chat tokens."), file=sys.stderr)
+
+    messages = []
+    def respond(text):
+        if is_chat:
+            messages.append({"role": "user", "content": text})
+            prompt = engine.chat_prompt(messages, args.max_tokens)
+            reply = stream_reply(engine, tokenizer, prompt, args)
+            messages.append({"role": "assistant", "content": tokens_to_parts(reply, tokenizer) or ""})
+        else:
+            stream_reply(engine, tokenizer, tokenizer.encode(text, prepend="<|bos|>"), args)
+
+    with torch.inference_mode():
+        if args.prompt is not None:
+            if not args.prompt.strip():
+                parser.error("--prompt is empty")
+            if not is_chat:
+                sys.stdout.write(args.prompt)
+            respond(args.prompt)
+            return 0
+        print("picochat — type a message; 'clear' starts over, 'exit' or 'quit' leaves.", file=sys.stderr)
+        while True:
+            try:
+                text = input("\nUser: ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                break
+            cmd = text.strip()
+            if not cmd:
+                continue
+            if cmd.lower() in ("exit", "quit"):
+                break
+            if cmd.lower() == "clear":
+                messages.clear()
+                print("(conversation cleared)")
+                continue
+            print("Assistant: " if is_chat else text, end="", flush=True)
+            try:
+                respond(text)
+            except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+                print("\n(interrupted)")
+                if is_chat and messages and messages[-1]["role"] == "user":
+                    messages.pop()
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""
+Reinforcement learning on GSM8K: the reference's simplified GRPO, which is effectively REINFORCE (11.4).
+
+Per question: N completions sampled with the Engine (calculator tool active, as at inference time),
+reward = exact match of the '####' answer, advantage = r - mean(r) (no std division), loss =
+-sum(logp * A) over sampled tokens normalised by the number of sampled tokens (DAPO-style token-level),
+no KL term, no reference model, no ratio/clipping (it is on-policy). Forced tool-output tokens, prompt and
+padding carry no loss. LR = setup LR x --init-lr-frac, decayed linearly to 0 over the run.
+pass@k on GSM8K test every --eval-every steps; checkpoints in checkpoints/rl/<tag>.
+
+Examples:
+    picochat chat-rl
+    picochat chat-rl --num-iterations 100 --examples-per-step 8 --num-samples 8
+    picochat chat-rl --device-type cpu --num-iterations 2 --examples-per-step 1 --num-samples 4 \
+        --device-batch-size 2 --max-new-tokens 32 --eval-every -1
+    torchrun --nproc_per_node=8 -m picochat chat-rl
+"""
+import time
+import argparse
+import itertools
+
+import torch
+import torch.distributed as dist
+
+from picochat.common import compute_init, compute_cleanup, print0, init_wandb, get_base_dir, logger
+
+
+def _all_reduce(t, op=None):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def sample_completions(engine, prompt, num_samples, device_batch_size, max_new_tokens, temperature, top_k, seed_key):
+    """(sequences, masks) for num_samples completions, generated device_batch_size at a time."""
+    seqs, masks = [], []
+    for sampling_step, start in enumerate(range(0, num_samples, device_batch_size)):
+        n = min(device_batch_size, num_samples - start)
+        seed = hash((*seed_key, sampling_step)) & 0x7FFFFFFF
+        s, m = engine.generate_batch(prompt, num_samples=n, max_tokens=max_new_tokens,
+                                     temperature=temperature, top_k=top_k, seed=seed)
+        seqs += s
+        masks += m
+    return seqs, masks
+
+
+def policy_gradient_backward(model, seqs, masks, advantages, device_batch_size, examples_per_rank, pad_id):
+    """Backward of -sum(logp * A) / (valid tokens in the pass * passes * examples_per_rank), one pass per
+    device_batch_size rows. Returns the number of sampled (trained) tokens."""
+    device = advantages.device
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(m)] = torch.tensor(m)
+    inputs = ids[:, :-1].to(device)
+    targets = torch.where(mask[:, 1:] == 1, ids[:, 1:], torch.full_like(ids[:, 1:], -1)).to(device)
+    num_passes = -(-len(seqs) // device_batch_size)
+    trained = 0
+    for b in range(0, len(seqs), device_batch_size):
+        x, y, a = inputs[b:b + device_batch_size], targets[b:b + device_batch_size], advantages[b:b + device_batch_size]
+        logp = -model(x, y, loss_reduction="none").view(x.size(0), -1)   # ignored targets give 0
+        num_valid = (y >= 0).sum().clamp(min=1)
+        objective = (logp * a.unsqueeze(-1)).sum() / (num_valid * num_passes * examples_per_rank)
+        (-objective).backward()
+        trained += int((y >= 0).sum())
+    return trained
+
+
+@torch.no_grad()
+def evaluate_passk(engine, tokenizer, task, num_examples, num_samples, device_batch_size, max_new_tokens,
+                   temperature, top_k, device):
+    """pass@k for k = 1..num_samples over the first num_examples problems (strided across ranks)."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    counts = torch.zeros(num_samples + 1, dtype=torch.long, device=device)   # [0] = problems seen
+    for i in range(rank, min(num_examples, len(task)), world):
+        conv = task[i]
+        prompt = tokenizer.render_for_completion(conv)
+        seqs, _ = sample_completions(engine, prompt, num_samples, device_batch_size, max_new_tokens,
+                                     temperature, top_k, ("eval", i))
+        correct = [task.evaluate(conv, tokenizer.decode(s[len(prompt):])) for s in seqs]
+        counts[0] += 1
+        for k in range(1, num_samples + 1):
+            counts[k] += int(any(correct[:k]))
+    _all_reduce(counts)
+    n = max(int(counts[0]), 1)
+    return {f"pass@{k}": int(counts[k]) / n for k in range(1, num_samples + 1)}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="picochat chat-rl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    p.add_argument("--model-tag", type=str, default=None, help="SFT checkpoint tag (also the RL output tag)")
+    p.add_argument("--model-step", type=int, default=None, help="SFT checkpoint step (default: last)")
+    p.add_argument("--num-epochs", type=int, default=1)
+    p.add_argument("--num-iterations", type=int, default=-1, help="-1 = epochs x (train size // examples per step)")
+    p.add_argument("--device-batch-size", type=int, default=8, help="rows per forward/backward and per sampling call")
+    p.add_argument("--examples-per-step", type=int, default=16, help="questions per step, total over ranks")
+    p.add_argument("--num-samples", type=int, default=16, help="completions per question")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--init-lr-frac", type=float, default=0.05)
+    p.add_argument("--eval-every", type=int, default=60, help="-1 = off (the last step is still evaluated if > 0)")
+    p.add_argument("--eval-examples", type=int, default=400)
+    p.add_argument("--eval-samples", type=int, default=8, help="samples per eval problem (pass@1..k)")
+    p.add_argument("--save-every", type=int, default=60)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from picochat import checkpoint
+    from picochat.engine import Engine
+    from picochat.tasks.gsm8k import GSM8K
+    rt = compute_init(args.device_type)
+    device, master = rt.device, rt.master
+    if rt.dtype == torch.float16:
+        raise ValueError("chat-rl does not support fp16 (no GradScaler path); use bf16 or fp32 (PICOCHAT_DTYPE)")
+    wandb_run = init_wandb("picochat-rl", args.run, vars(args), master)
+    if args.examples_per_step % rt.world_size:
+        raise ValueError(f"--examples-per-step {args.examples_per_step} must be divisible by the world size {rt.world_size}")
+    examples_per_rank = args.examples_per_step // rt.world_size
+
+    sft_dir = get_base_dir() / "checkpoints" / "sft"
+    tag = args.model_tag or checkpoint.find_largest_model(sft_dir)
+    model, tokenizer, sft_meta = checkpoint.load_model("sft", device, phase="train", model_tag=tag, step=args.model_step)
+    engine = Engine(model, tokenizer)
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+
+    train_task = GSM8K("main", "train")
+    val_task = GSM8K("main", "test")
+    num_steps = args.num_iterations if args.num_iterations > 0 else \
+        (len(train_task) // args.examples_per_step) * args.num_epochs
+    print0(f"RL from sft {tag} step {sft_meta.get('step')}: {num_steps} steps x {args.examples_per_step} questions "
+           f"x {args.num_samples} samples")
+
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * args.init_lr_frac
+        group["initial_lr"] = group["lr"]
+
+    out_dir = checkpoint.checkpoint_dir("rl", tag)
+    example_iter = itertools.cycle(range(rt.rank, len(train_task), rt.world_size))
+    passk, mean_reward = {}, 0.0
+    for step in range(num_steps + 1):
+        last = step == num_steps
+        if args.eval_every > 0 and (step % args.eval_every == 0 or last):
+            model.eval()
+            passk = evaluate_passk(engine, tokenizer, val_task, args.eval_examples, args.eval_samples,
+                                   args.device_batch_size, args.max_new_tokens, 1.0, args.top_k, device)
+            print0(f"step {step:05d} | " + " ".join(f"{k} {v:.4f}" for k, v in passk.items()))
+            wandb_run.log({"step": step, **passk})
+            if master:
+                checkpoint.append_metrics(out_dir, {"step": step, **passk})
+        if last or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
+            meta = {"model_config": model.config.to_dict(), "user_config": vars(args),
+                    "compute_dtype": str(rt.dtype).removeprefix("torch."),
+                    "sft_checkpoint": {"model_tag": tag, "step": sft_meta.get("step")}, "pass_at_k": passk}
+            checkpoint.save_checkpoint(out_dir, step, model, optimizer, meta)
+            print0(f"saved checkpoint {out_dir} step {step}")
+        if last:
+            break
+
+        t0 = time.time()
+        rewards_all, lengths, trained = [], [], 0
+        for e in range(examples_per_rank):
+            idx = next(example_iter)
+            conv = train_task[idx]
+            prompt = tokenizer.render_for_completion(conv)
+            model.eval()
+            seqs, masks = sample_completions(engine, prompt, args.num_samples, args.device_batch_size,
+                                             args.max_new_tokens, args.temperature, args.top_k, (step, idx))
+            model.train()
+            rewards = torch.tensor([train_task.reward(conv, tokenizer.decode(s[len(prompt):])) for s in seqs],
+                                   dtype=torch.float32, device=device)
+            advantages = rewards - rewards.mean()
+            trained += policy_gradient_backward(model, seqs, masks, advantages, args.device_batch_size,
+                                                examples_per_rank, pad_id)
+            rewards_all += rewards.tolist()
+            lengths += [len(s) - len(prompt) for s in seqs]
+        lrm = 1.0 - step / num_steps
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        stats = _all_reduce(torch.tensor([sum(rewards_all), len(rewards_all), sum(lengths)], dtype=torch.float64,
+                                         device=device))
+        mean_reward = float(stats[0] / stats[1])
+        mean_len = float(stats[2] / stats[1])
+        dt = time.time() - t0
+        print0(f"step {step + 1:05d}/{num_steps} | reward {mean_reward:.4f} | seq len {mean_len:.1f} | "
+               f"trained tokens {trained} | lrm {lrm:.3f} | dt {dt:.2f}s")
+        row = {"step": step + 1, "reward": mean_reward, "sequence_length": mean_len, "lrm": lrm, "dt": dt}
+        wandb_run.log(row)
+        if master:
+            checkpoint.append_metrics(out_dir, row)
+
+    if master:
+        try:
+            from picochat import report
+            report.log_section("chat-rl", {"config": vars(args), "model_tag": tag, "iterations": num_steps,
+                                           "world_size": rt.world_size, "final_mean_reward": mean_reward, **passk})
+        except ImportError:
+            logger.warning("picochat.report not available; report section not written")
+    wandb_run.finish()
+    compute_cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,349 @@
+"""
+Checkpoints: atomic save, discovery of the last COMPLETE checkpoint, rotation, loading.
+
+Layout (every stage: base, sft, rl):
+
+    $PICOCHAT_HOME/checkpoints/<stage>/<model_tag>/
+        model_<step:06d>.safetensors         uncompiled model state dict (rank 0)
+        optim_<step:06d>_rank<r>.safetensors  optimizer.shard_state_dict() of rank r (every rank)
+        meta_<step:06d>.json                  self-describing meta, written LAST (rank 0, after a barrier)
+        metrics.jsonl                         one JSON row per logged step (written by the training loop)
+
+Why meta last: every file is written to a temp name and renamed, so no file is ever half-written; and the
+meta is only published once every rank has renamed its files, so "meta exists" means "checkpoint complete".
+find_last_step() additionally checks that the model and every rank's optimizer file exist and parse, so a
+checkpoint that lost a file afterwards is not picked either.
+
+Examples:
+    python -c "from picochat.checkpoint import *; print(find_last_step(checkpoint_dir('base', 'd12')))"
+"""
+import os
+import re
+import json
+import base64
+import random
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file, load_file
+
+from picochat import __version__
+from picochat.common import (get_base_dir, atomic_path, atomic_write_json, get_dist_info, barrier,
+                             compute_dtype_for, logger)
+
+STAGES = ("base", "sft", "rl")
+_META_RE = re.compile(r"^meta_(\d+)\.json$")
+_MODEL_RE = re.compile(r"^model_(\d+)\.safetensors$")
+
+# -----------------------------------------------------------------------------
+# Paths
+
+def checkpoint_dir(stage: str, model_tag: str) -> Path:
+    if stage not in STAGES:
+        raise ValueError(f"unknown checkpoint stage {stage!r}; expected one of {STAGES}")
+    return get_base_dir() / "checkpoints" / stage / model_tag
+
+def model_path(ckpt_dir, step) -> Path:
+    return Path(ckpt_dir) / f"model_{step:06d}.safetensors"
+
+def meta_path(ckpt_dir, step) -> Path:
+    return Path(ckpt_dir) / f"meta_{step:06d}.json"
+
+def optim_path(ckpt_dir, step, rank) -> Path:
+    return Path(ckpt_dir) / f"optim_{step:06d}_rank{rank}.safetensors"
+
+def metrics_path(ckpt_dir) -> Path:
+    return Path(ckpt_dir) / "metrics.jsonl"
+
+def find_largest_model(stage_dir) -> str:
+    """The model tag with the largest depth (d<N>), else the most recently modified tag directory."""
+    stage_dir = Path(stage_dir)
+    tags = [p for p in stage_dir.iterdir() if p.is_dir()] if stage_dir.is_dir() else []
+    if not tags:
+        raise FileNotFoundError(f"no checkpoints under {stage_dir}; train a model first (picochat base-train)")
+    depths = [(int(m.group(1)), p.name) for p in tags if (m := re.fullmatch(r"d(\d+)", p.name))]
+    if depths:
+        return max(depths)[1]
+    return max(tags, key=lambda p: p.stat().st_mtime).name
+
+# -----------------------------------------------------------------------------
+# Validation (used by find_last_step): cheap, never loads tensor data.
+
+def _valid_safetensors(path: Path) -> bool:
+    """True if `path` has a parseable safetensors header and exactly the bytes the header promises."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                return False
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                return False
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+def read_meta(ckpt_dir, step) -> dict:
+    path = meta_path(ckpt_dir, step)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint meta {path} not found (steps available: {list_steps(ckpt_dir)})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+def is_complete(ckpt_dir, step) -> bool:
+    """Meta parses and names this step, model file valid, and every rank's optimizer file valid."""
+    try:
+        meta = read_meta(ckpt_dir, step)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("step") != step:
+        return False
+    if not _valid_safetensors(model_path(ckpt_dir, step)):
+        return False
+    if meta.get("has_optimizer", False):
+        world = int(meta.get("world_size", 1))
+        if not all(_valid_safetensors(optim_path(ckpt_dir, step, r)) for r in range(world)):
+            return False
+    return True
+
+def list_steps(ckpt_dir) -> list[int]:
+    """Steps with a meta file (complete or not), sorted as integers."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in d.iterdir() if (m := _META_RE.match(p.name)))
+
+def find_last_step(ckpt_dir) -> int | None:
+    """The largest step (as an integer, not a string) whose checkpoint is complete; None if none is."""
+    for step in reversed(list_steps(ckpt_dir)):
+        if is_complete(ckpt_dir, step):
+            return step
+    return None
+
+# -----------------------------------------------------------------------------
+# Saving
+
+def tokenizer_reference(tokenizer_dir=None) -> dict:
+    """Which tokenizer a model was trained with: its path and the sha256 of tokenizer.json."""
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else get_base_dir() / "tokenizer"
+    path = tokenizer_dir / "tokenizer.json"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    return {"path": str(tokenizer_dir), "sha256": digest}
+
+def _cpu_state(state: dict) -> dict:
+    """Detached, contiguous CPU copies without `_orig_mod.` prefixes (safetensors refuses shared storage)."""
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("_orig_mod.")  # removeprefix, not lstrip (reference pitfall 16)
+        out[k] = v.detach().to("cpu", copy=True).contiguous()
+    return out
+
+def _save_tensors(path: Path, tensors: dict):
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+def save_checkpoint(ckpt_dir, step: int, model, optimizer, meta: dict, keep_last: int | None = None):
+    """Every rank calls this. Rank 0 writes the model; each rank writes its optimizer shard; after a barrier
+    rank 0 writes the meta (which marks completeness) and rotates old checkpoints (keep_last)."""
+    _, rank, _, world_size = get_dist_info()
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)  # any rank may get here first (reference pitfall 17)
+    if rank == 0:
+        orig = getattr(model, "_orig_mod", model)  # never save the compiled wrapper
+        _save_tensors(model_path(ckpt_dir, step), _cpu_state(orig.state_dict()))
+    if optimizer is not None:
+        _save_tensors(optim_path(ckpt_dir, step, rank), _cpu_state(optimizer.shard_state_dict()))
+    barrier()
+    if os.environ.get("PICOCHAT_FAULT_SIGKILL_SAVE") == str(step):
+        # fault injection for the atomicity test: die after the tensors, before the meta that completes them
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 0:
+        meta = dict(meta)
+        meta["step"] = step
+        meta["world_size"] = world_size
+        meta["has_optimizer"] = optimizer is not None
+        meta.setdefault("picochat_version", __version__)
+        meta.setdefault("tokenizer", tokenizer_reference())
+        atomic_write_json(meta_path(ckpt_dir, step), meta)
+        if keep_last is not None and keep_last > 0:
+            rotate_checkpoints(ckpt_dir, keep_last)
+    barrier()
+
+def _remove(path: Path):
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+def delete_checkpoint(ckpt_dir, step: int):
+    """Meta first, so a crash midway leaves an incomplete (ignored) checkpoint, never a bogus complete one."""
+    ckpt_dir = Path(ckpt_dir)
+    _remove(meta_path(ckpt_dir, step))
+    _remove(model_path(ckpt_dir, step))
+    for p in ckpt_dir.glob(f"optim_{step:06d}_rank*.safetensors"):
+        _remove(p)
+
+def rotate_checkpoints(ckpt_dir, keep_last: int):
+    """Keep the newest `keep_last` complete checkpoints; delete older ones (complete or not)."""
+    complete = [s for s in list_steps(ckpt_dir) if is_complete(ckpt_dir, s)]
+    keep = set(complete[-keep_last:])
+    if not keep:
+        return
+    oldest_kept = min(keep)
+    steps = set(list_steps(ckpt_dir))
+    # model files without a meta (a crashed save) older than what we keep are garbage too
+    steps |= {int(m.group(1)) for p in Path(ckpt_dir).iterdir() if (m := _MODEL_RE.match(p.name))}
+    for s in sorted(steps):
+        if s < oldest_kept:
+            delete_checkpoint(ckpt_dir, s)
+
+# -----------------------------------------------------------------------------
+# Resume compatibility
+
+def check_resume_compat(meta: dict, model_config: dict, world_size: int):
+    """Raise a clear error when the checkpoint cannot be resumed by this run."""
+    saved = meta.get("model_config", {})
+    diffs = [f"{k}: checkpoint={saved.get(k)!r} vs now={model_config.get(k)!r}"
+             for k in sorted(set(saved) | set(model_config)) if saved.get(k) != model_config.get(k)]
+    if diffs:
+        raise ValueError("cannot resume: the model config differs from the checkpoint's ("
+                         + "; ".join(diffs) + "). Use the same --depth/--aspect-ratio/--head-dim/--max-seq-len/"
+                         "--window-pattern and tokenizer as the saved run, or start a new --model-tag.")
+    saved_ws = int(meta.get("world_size", 1))
+    if saved_ws != world_size:
+        raise ValueError(f"cannot resume: the checkpoint was written with world size {saved_ws} but this run has "
+                         f"world size {world_size}; the optimizer state is sharded per rank. Relaunch with "
+                         f"--nproc_per_node={saved_ws} (or equivalent), or start a new --model-tag.")
+
+# -----------------------------------------------------------------------------
+# RNG state as JSON (no pickles): torch CPU/CUDA as base64 bytes, python random and numpy as lists.
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+
+def get_rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "torch_cpu": _b64(torch.get_rng_state()),
+        "python": [version, list(internal), gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(_unb64(state["torch_cpu"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["torch_cuda"]])
+
+# -----------------------------------------------------------------------------
+# Loading
+
+def load_state(ckpt_dir, step, device) -> tuple[dict, dict]:
+    """(model state dict on CPU, meta). bf16/fp16 tensors are upcast to fp32 when the target is CPU/MPS
+    (slow or unsupported there); `_orig_mod.` prefixes are stripped."""
+    ckpt_dir = Path(ckpt_dir)
+    if step is None:
+        step = find_last_step(ckpt_dir)
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+    if not is_complete(ckpt_dir, step):
+        raise FileNotFoundError(f"checkpoint step {step} in {ckpt_dir} is missing or incomplete "
+                                f"(complete steps: {[s for s in list_steps(ckpt_dir) if is_complete(ckpt_dir, s)]})")
+    meta = read_meta(ckpt_dir, step)
+    state = load_file(str(model_path(ckpt_dir, step)), device="cpu")
+    device_type = torch.device(device).type
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    if device_type in ("cpu", "mps"):
+        state = {k: (v.float() if v.dtype in (torch.bfloat16, torch.float16) else v) for k, v in state.items()}
+    return state, meta
+
+def load_optimizer_state(ckpt_dir, step, rank) -> dict:
+    path = optim_path(ckpt_dir, step, rank)
+    if not path.exists():
+        raise FileNotFoundError(f"optimizer shard {path} not found; resuming needs the same world size "
+                                "the checkpoint was written with")
+    return load_file(str(path), device="cpu")
+
+def load_model_from_dir(ckpt_dir, step, device, phase="eval"):
+    """(model, tokenizer, meta). The model is built for `device` in its compute dtype and loaded strictly."""
+    from picochat import gpt
+    from picochat.tokenizer import get_tokenizer
+    assert phase in ("eval", "train"), f"phase must be 'eval' or 'train', got {phase!r}"
+    device = torch.device(device)
+    state, meta = load_state(ckpt_dir, step, device)
+    cfg = dict(meta["model_config"])
+    cfg.setdefault("window_pattern", "L")  # very old checkpoints predate sliding windows
+    config = gpt.GPTConfig.from_dict(cfg)
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise ValueError(f"tokenizer vocab size {tokenizer.get_vocab_size()} != checkpoint vocab size "
+                         f"{config.vocab_size}; the checkpoint in {ckpt_dir} was trained with another tokenizer "
+                         f"({meta.get('tokenizer')})")
+    ref = meta.get("tokenizer") or {}
+    if ref.get("sha256") and ref["sha256"] != tokenizer_reference()["sha256"]:
+        logger.warning(f"tokenizer.json differs from the one this checkpoint was trained with ({ref})")
+    model = gpt.build_model(config, device, compute_dtype_for(device.type))
+    # copy (not assign): values are cast into the parameters' own dtypes for this device
+    model.load_state_dict(state, strict=True)
+    model.train() if phase == "train" else model.eval()
+    return model, tokenizer, meta
+
+def load_model(source, device, phase="eval", model_tag=None, step=None):
+    """Load from checkpoints/<source>/<tag>; tag defaults to the largest model, step to the last complete."""
+    stage_dir = get_base_dir() / "checkpoints" / source
+    if source not in STAGES:
+        raise ValueError(f"unknown source {source!r}; expected one of {STAGES}")
+    model_tag = model_tag or find_largest_model(stage_dir)
+    ckpt_dir = stage_dir / model_tag
+    if step is None:
+        step = find_last_step(ckpt_dir)
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+    return load_model_from_dir(ckpt_dir, step, device, phase)
+
+# -----------------------------------------------------------------------------
+# metrics.jsonl: append-only; on resume rows at or beyond the resume step are dropped.
+
+def append_metrics(ckpt_dir, row: dict):
+    path = metrics_path(ckpt_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+def read_metrics(ckpt_dir) -> list[dict]:
+    path = metrics_path(ckpt_dir)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a torn last line from a killed process
+            pass
+    return rows
+
+def truncate_metrics(ckpt_dir, step: int):
+    """Keep only rows with step < `step` (the rows a resumed run would otherwise write twice)."""
+    path = metrics_path(ckpt_dir)
+    if not path.exists():
+        return
+    rows = [r for r in read_metrics(ckpt_dir) if r.get("step", -1) < step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -1,0 +1,209 @@
+"""
+CORE (DCLM): in-context evaluation of a base model on 22 tasks of three kinds.
+
+  multiple_choice   {"query", "choices", "gold"}: one prompt per choice, the choice tokens are scored
+  schema            {"context_options", "continuation", "gold"}: one prompt per context, the shared
+                    continuation is scored
+  language_modeling {"context", "continuation"}: correct iff greedy decoding reproduces the continuation
+
+MC/schema pick the option with the lowest MEAN cross-entropy over its span. The per-task accuracy is
+centered against the random baseline, (acc - b) / (1 - b), and CORE is the mean of the centered values.
+
+Reproducing the reference exactly: items are shuffled with random.Random(1337) and truncated to
+max_per_task; item i draws its few-shot examples with random.Random(1234 + i) from the OTHER items of that
+(possibly truncated) list; prompts are rendered as below with a blank line after each few-shot example;
+every prompt is encoded with BOS prepended; the batch is right-padded with BOS.
+
+Examples are strided across ranks and the correctness vector is all-reduced. Several examples' rows are
+packed into one forward pass (up to `batch_size` rows) for throughput.
+"""
+import random
+
+import torch
+import torch.nn.functional as F
+import torch.distributed as dist
+
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+
+# -----------------------------------------------------------------------------
+# Prompt rendering (the reference's Jinja templates, written out in Python)
+
+def render_prompts_mc(item, delim, fewshot):
+    prefix = "".join(f"{ex['query']}{delim}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+    return [f"{prefix}{item['query']}{delim}{choice}" for choice in item["choices"]]
+
+def render_prompts_schema(item, delim, fewshot):
+    prefix = "".join(f"{ex['context_options'][ex['gold']]}{delim}{ex['continuation']}\n\n" for ex in fewshot)
+    return [f"{prefix}{ctx}{delim}{item['continuation']}" for ctx in item["context_options"]]
+
+def render_prompts_lm(item, delim, fewshot):
+    """[without continuation (right-stripped, so no trailing space hangs off the prefix), with continuation]."""
+    prefix = "".join(f"{ex['context'].strip()}{delim}{ex['continuation']}\n\n" for ex in fewshot)
+    without = f"{prefix}{item['context'].strip()}{delim}"
+    return [without.rstrip(), without + item["continuation"]]
+
+# -----------------------------------------------------------------------------
+# Token spans
+
+def common_prefix_length(seqs):
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
+
+def common_suffix_length(seqs):
+    n = min(len(s) for s in seqs)
+    for i in range(1, n + 1):
+        if any(s[-i] != seqs[0][-i] for s in seqs):
+            return i - 1
+    return n
+
+def tokenize_example(tokenizer, prompts, task_type):
+    """-> (token lists, start indices, end indices); the span [start, end) of each row is what is scored."""
+    bos = tokenizer.get_bos_token_id()
+    tokens = tokenizer.encode(prompts, prepend=bos)
+    if task_type == "multiple_choice":
+        # the choices differ only at the end: the scored span starts where they first differ
+        start = common_prefix_length(tokens)
+        return tokens, [start] * len(tokens), [len(t) for t in tokens]
+    if task_type == "schema":
+        # the contexts differ, the continuation is shared: score the common suffix
+        k = common_suffix_length(tokens)
+        return tokens, [len(t) - k for t in tokens], [len(t) for t in tokens]
+    if task_type == "language_modeling":
+        without, with_ = tokens
+        start = len(without)
+        if with_[:start] != without:
+            # the reference asserts here; a tokenizer that merges across the boundary would crash a whole eval,
+            # so score from the point where the two agree instead
+            start = common_prefix_length([without, with_])
+        return [with_], [start], [len(with_)]
+    raise ValueError(f"unknown icl_task_type {task_type!r}; expected one of {TASK_TYPES}")
+
+def crop(tokens, starts, ends, max_len):
+    """Keep the last max_len tokens of each row (spans shift left accordingly)."""
+    if max_len is None:
+        return tokens, starts, ends
+    out_t, out_s, out_e = [], [], []
+    for t, s, e in zip(tokens, starts, ends):
+        cut = max(0, len(t) - max_len)
+        out_t.append(t[cut:]); out_s.append(max(1, s - cut)); out_e.append(e - cut)
+    return out_t, out_s, out_e
+
+# -----------------------------------------------------------------------------
+# Forward and scoring
+
+@torch.no_grad()
+def forward_losses(model, rows, pad_id, device):
+    """Right-pad rows with pad_id, one forward -> (per-position CE against the next token (last col NaN),
+    argmax predictions, input ids)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    ids = ids.to(device)
+    logits = model(ids).float()  # (B, T, V)
+    targets = torch.roll(ids, shifts=-1, dims=1)
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    losses = losses.view(len(rows), T)
+    losses[:, -1] = float("nan")
+    return losses, logits.argmax(dim=-1), ids
+
+def score_rows(task_type, losses, preds, ids, starts, ends, gold):
+    """Correctness of one example whose rows are (losses, preds, ids)[k]."""
+    if task_type == "language_modeling":
+        s, e = starts[0], ends[0]
+        return bool(torch.equal(preds[0, s - 1:e - 1], ids[0, s:e]))
+    means = [losses[k, s - 1:e - 1].mean().item() for k, (s, e) in enumerate(zip(starts, ends))]
+    means = [float("inf") if m != m else m for m in means]  # an empty span (choice = prefix of another) never wins
+    pred = min(range(len(means)), key=lambda k: means[k])  # first index wins ties
+    return pred == gold
+
+# -----------------------------------------------------------------------------
+# Task driver
+
+def prepare_task_data(data, max_per_task=-1):
+    """The reference's item order: shuffle with Random(1337), then keep the first max_per_task."""
+    data = list(data)
+    random.Random(1337).shuffle(data)
+    if max_per_task is not None and max_per_task > 0:
+        data = data[:max_per_task]
+    return data
+
+def fewshot_examples(data, idx, num_fewshot):
+    if num_fewshot <= 0:
+        return []
+    rng = random.Random(1234 + idx)
+    available = [i for i in range(len(data)) if i != idx]
+    return [data[i] for i in rng.sample(available, min(num_fewshot, len(available)))]
+
+def build_example(idx, data, tokenizer, task_meta, max_len=None):
+    item = data[idx]
+    task_type, delim = task_meta["task_type"], task_meta.get("continuation_delimiter", " ")
+    fewshot = fewshot_examples(data, idx, task_meta.get("num_fewshot", 0))
+    render = {"multiple_choice": render_prompts_mc, "schema": render_prompts_schema,
+              "language_modeling": render_prompts_lm}.get(task_type)
+    if render is None:
+        raise ValueError(f"unknown icl_task_type {task_type!r}; expected one of {TASK_TYPES}")
+    tokens, starts, ends = tokenize_example(tokenizer, render(item, delim, fewshot), task_type)
+    tokens, starts, ends = crop(tokens, starts, ends, max_len)
+    return tokens, starts, ends, item.get("gold", 0)
+
+def _model_device(model):
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+@torch.no_grad()
+def evaluate_task(model, tokenizer, data, task_meta, device=None, batch_size=32, max_len=None):
+    """Accuracy of `model` on `data` (already prepared with prepare_task_data). Every rank returns the same
+    value. task_meta: {"task_type", "num_fewshot", "continuation_delimiter"}."""
+    from picochat.common import get_dist_info
+    device = device or _model_device(model)
+    _, rank, _, world = get_dist_info()
+    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    pad = tokenizer.get_bos_token_id()
+    pending = []  # examples waiting for a forward pass: (idx, tokens, starts, ends, gold)
+
+    def flush():
+        rows = [t for (_, toks, _, _, _) in pending for t in toks]
+        losses, preds, ids = forward_losses(model, rows, pad, device)
+        r = 0
+        for idx, toks, s, e, gold in pending:
+            n = len(toks)
+            ok = score_rows(task_meta["task_type"], losses[r:r + n], preds[r:r + n], ids[r:r + n], s, e, gold)
+            correct[idx] = float(ok)
+            r += n
+        pending.clear()
+
+    for idx in range(rank, len(data), world):
+        toks, s, e, gold = build_example(idx, data, tokenizer, task_meta, max_len)
+        if pending and sum(len(p[1]) for p in pending) + len(toks) > batch_size:
+            flush()
+        pending.append((idx, toks, s, e, gold))
+    if pending:
+        flush()
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    return correct.mean().item() if len(data) else float("nan")
+
+def centered(acc, random_baseline_percent):
+    b = 0.01 * random_baseline_percent
+    return (acc - b) / (1.0 - b)
+
+def evaluate_core(model, tokenizer, tasks, max_per_task=-1, device=None, batch_size=32, max_len=None,
+                  log=print):
+    """tasks: list of {"label", "task_type", "num_fewshot", "continuation_delimiter", "random_baseline", "data"}
+    -> {"results": {label: acc}, "centered_results": {label: c}, "core_metric": mean centered}."""
+    results, centered_results = {}, {}
+    for t in tasks:
+        data = prepare_task_data(t["data"], max_per_task)
+        acc = evaluate_task(model, tokenizer, data, t, device=device, batch_size=batch_size, max_len=max_len)
+        results[t["label"]] = acc
+        centered_results[t["label"]] = centered(acc, t["random_baseline"])
+        if log:
+            log(f"{t['label']:<34} acc {acc:.4f}  centered {centered_results[t['label']]:+.4f}  (n={len(data)})")
+    core = sum(centered_results.values()) / len(centered_results) if centered_results else float("nan")
+    return {"results": results, "centered_results": centered_results, "core_metric": core}

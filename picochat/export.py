@@ -1,0 +1,167 @@
+"""
+Export a picochat checkpoint to a Hugging Face `transformers` directory.
+
+    picochat export --format hf OUT_DIR                 # latest checkpoint (rl > sft > base)
+    picochat export --format hf OUT_DIR -i sft -g d12 -s 1500
+
+Then, anywhere with transformers installed (no picochat needed):
+
+    model = AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(OUT_DIR)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+
+OUT_DIR holds model.safetensors, config.json, modeling_picochat.py (our self-contained modeling
+code), generation_config.json and the tokenizer (tokenizer.json in the HF `tokenizers` format,
+tokenizer_config.json with the chat template). The HF tokenizer reproduces ours token for token:
+the tiktoken ranks become BPE merges, the split regex becomes a Split pre-tokenizer.
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from picochat.common import atomic_write_json, print0
+
+# Renders our conversation format exactly as Tokenizer.render_conversation / render_for_completion:
+# the system message is merged into the first user turn with "\n\n"; assistant content may be a
+# list of parts (text / python / python_output).
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] + '\n\n' -%}"
+    "{%- elif m['role'] == 'user' -%}"
+    "{{- '<|user_start|>' + ns.system + m['content'] + '<|user_end|>' -}}{%- set ns.system = '' -%}"
+    "{%- elif m['role'] == 'assistant' -%}{{- '<|assistant_start|>' -}}"
+    "{%- if m['content'] is string -%}{{- m['content'] -}}"
+    "{%- else -%}{%- for p in m['content'] -%}"
+    "{%- if p['type'] == 'python' -%}{{- '<|python_start|>' + p['text'] + '<|python_end|>' -}}"
+    "{%- elif p['type'] == 'python_output' -%}{{- '<|output_start|>' + p['text'] + '<|output_end|>' -}}"
+    "{%- else -%}{{- p['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|assistant_end|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
+)
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters,
+    which is how byte-level BPE vocabularies are written in HF tokenizer.json files."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _bpe_split(ranks: dict, token: bytes, max_rank: int) -> list:
+    """Run BPE on `token` using only merges of rank < max_rank; for a trained vocabulary this
+    leaves exactly the two parts whose merge created the token."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        best_i, best_rank = None, None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < max_rank and (best_rank is None or r < best_rank):
+                best_i, best_rank = i, r
+        if best_i is None:
+            return parts
+        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+
+
+def hf_tokenizer_json(tokenizer) -> dict:
+    """Our tokenizer as an HF `tokenizers` tokenizer.json document (byte-level BPE)."""
+    from picochat.tokenizer import SPLIT_PATTERN
+    specials = tokenizer.get_special_tokens()
+    special_ids = {name: tokenizer.encode_special(name) for name in specials}
+    n_ordinary = tokenizer.get_vocab_size() - len(specials)
+    ranks = {tokenizer.decode_single_token_bytes(i): i for i in range(n_ordinary)}
+    b2u = bytes_to_unicode()
+    as_str = lambda b: "".join(b2u[x] for x in b)
+    vocab, merges = {}, []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        vocab[as_str(token)] = rank
+        if len(token) > 1:
+            parts = _bpe_split(ranks, token, rank)
+            if len(parts) != 2:
+                raise ValueError(f"token {rank} ({token!r}) is not the merge of two earlier tokens; "
+                                 "the vocabulary is not a BPE vocabulary and cannot be exported")
+            merges.append([as_str(parts[0]), as_str(parts[1])])
+    pattern = getattr(tokenizer, "pattern", SPLIT_PATTERN)
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for name, i in special_ids.items()],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": vocab, "merges": merges},
+    }
+
+
+def export_hf(model, tokenizer, out_dir, meta=None):
+    """Write `model` + `tokenizer` as a transformers directory. Returns the path."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    bos = tokenizer.get_bos_token_id()
+    eos = tokenizer.encode_special("<|assistant_end|>")
+    window_sizes = [int(w) for w in model.window_sizes]
+    config = {
+        "architectures": ["PicochatForCausalLM"], "model_type": "picochat",
+        "auto_map": {"AutoConfig": "modeling_picochat.PicochatConfig",
+                     "AutoModelForCausalLM": "modeling_picochat.PicochatForCausalLM"},
+        "sequence_len": cfg.sequence_len, "vocab_size": cfg.vocab_size, "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head, "n_embd": cfg.n_embd,
+        "window_pattern": cfg.window_pattern, "window_sizes": window_sizes,
+        "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": "float32", "tie_word_embeddings": False,
+        "picochat": {"source_meta_step": (meta or {}).get("step")},
+    }
+    atomic_write_json(out / "config.json", config)
+    atomic_write_json(out / "generation_config.json", {
+        "bos_token_id": bos, "eos_token_id": [eos, bos], "pad_token_id": bos, "use_cache": False})
+    shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), out / "modeling_picochat.py")
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_json(out / "tokenizer.json", hf_tokenizer_json(tokenizer))
+    atomic_write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
+        "pad_token": "<|bos|>", "add_bos_token": False, "add_eos_token": False,
+        "model_max_length": cfg.sequence_len, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+    })
+    atomic_write_json(out / "special_tokens_map.json", {
+        "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>",
+        "additional_special_tokens": tokenizer.get_special_tokens()})
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="picochat export", description="export a checkpoint to another format")
+    parser.add_argument("out_dir", help="output directory")
+    parser.add_argument("--format", choices=["hf"], default="hf", help="hf = Hugging Face transformers directory")
+    parser.add_argument("-i", "--source", choices=["base", "sft", "rl"], default=None, help="default: latest of rl > sft > base")
+    parser.add_argument("-g", "--model-tag", default=None)
+    parser.add_argument("-s", "--step", type=int, default=None)
+    args = parser.parse_args(argv)
+    import torch
+    from picochat.checkpoint import load_model
+    from picochat.chat_cli import pick_source
+    source = args.source or pick_source(args.model_tag)
+    model, tokenizer, meta = load_model(source, torch.device("cpu"), phase="eval", model_tag=args.model_tag, step=args.step)
+    out = export_hf(model, tokenizer, args.out_dir, meta)
+    print0(f"Exported {source} checkpoint (step {meta.get('step')}) to {out}")
+    print0(f"Load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0

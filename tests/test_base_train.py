@@ -1,0 +1,172 @@
+"""base-train: depth derivations and schedules against the reference's numbers; an end-to-end CPU run that is
+SIGKILLed (once mid-save, once at a random step), resumed with --resume auto, and must match an uninterrupted
+run bitwise; then base-eval on a small CORE subset from the shared data mirror."""
+import os
+import csv
+import json
+import math
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from picochat.base_train import build_parser, derive, lr_multiplier, muon_momentum, muon_weight_decay
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _derive(depth, *flags, world=1):
+    from picochat.gpt import GPT, config_from_depth
+    args = build_parser().parse_args(["--depth", str(depth), "--device-batch-size", "1", *flags])
+    with torch.device("meta"):
+        model = GPT(config_from_depth(depth, 32768, args.aspect_ratio, args.head_dim, args.max_seq_len))
+    return derive(args, model, world)
+
+
+@pytest.mark.parametrize("depth,batch,wd,iters", [
+    # reference 8.2: batch 2^18 for d3-d8, 2^19 d9-d16, 2^20 d17-d31, 2^21 d32+; WD and horizons from its tables
+    (6, 2 ** 18, None, None), (8, 2 ** 18, None, None), (12, 2 ** 19, 0.28, 2520), (16, 2 ** 19, None, None),
+    (20, 2 ** 20, 0.1002, 4980), (24, 2 ** 20, 0.0597, 8352), (26, 2 ** 20, 0.0475, 10510), (32, 2 ** 21, None, None),
+])
+def test_depth_derivations_match_reference(depth, batch, wd, iters):
+    d = _derive(depth)
+    assert d["total_batch_size"] == batch
+    assert d["batch_lr_scale"] == pytest.approx(math.sqrt(batch / 2 ** 19))
+    if wd is not None:
+        assert d["weight_decay"] == pytest.approx(wd, abs=6e-5)
+    if iters is not None:
+        assert d["num_iterations"] == iters
+
+
+def test_horizon_precedence_and_divisibility_error():
+    d = _derive(12, "--num-iterations", "7", "--target-flops", "1e18")
+    assert d["num_iterations"] == 7 and d["total_batch_size"] == 2 ** 19  # batch still from the ratio rule
+    d = _derive(12, "--target-flops", "1e18")
+    assert d["num_iterations"] == round(1e18 / (d["flops_per_token"] * 2 ** 19))
+    # the error names the numbers and the fix
+    with pytest.raises(ValueError, match=r"512 tokens is not divisible by .* 3 x 256 x 1 = 768.*--total-batch-size"):
+        _derive(4, "--device-batch-size", "3", "--max-seq-len", "256", "--total-batch-size", "512")
+    assert _derive(4, "--device-batch-size", "1", "--max-seq-len", "256", "--total-batch-size", "512",
+                   world=2)["grad_accum_steps"] == 1
+
+
+def test_schedules():
+    n = 100  # warmdown = round(0.65 * 100) = 65 steps: from it=35 on
+    assert lr_multiplier(0, n, 40, 0.65, 0.05) == pytest.approx(1 / 40)
+    assert lr_multiplier(39, n, 40, 0.65, 0.05) == 1.0
+    assert lr_multiplier(30, n, 10, 0.65, 0.05) == 1.0
+    assert lr_multiplier(35, n, 10, 0.65, 0.05) == 1.0
+    p = (100 - 60) / 65
+    assert lr_multiplier(60, n, 10, 0.65, 0.05) == pytest.approx(p + (1 - p) * 0.05)
+    assert lr_multiplier(100, n, 10, 0.65, 0.05) == pytest.approx(0.05)
+    assert muon_momentum(0, 10000, 0.65) == pytest.approx(0.85)
+    assert muon_momentum(200, 10000, 0.65) == pytest.approx(0.91)
+    assert muon_momentum(1000, 10000, 0.65) == pytest.approx(0.97)
+    assert muon_momentum(10000, 10000, 0.65) == pytest.approx(0.90)
+    assert muon_weight_decay(0, 10, 0.2) == pytest.approx(0.2)
+    assert muon_weight_decay(5, 10, 0.2) == pytest.approx(0.1)
+    assert muon_weight_decay(10, 10, 0.2) == pytest.approx(0.0)
+
+# -----------------------------------------------------------------------------
+# End to end
+
+TRAIN = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "64", "--window-pattern", "L",
+         "--device-batch-size", "2", "--total-batch-size", "256", "--num-iterations", "8", "--eval-every", "4",
+         "--eval-tokens", "128", "--save-every", "2", "--core-metric-every", "-1", "--sample-every", "8",
+         "--warmup-steps", "2", "--device-type", "cpu"]
+
+
+def _env(home, **extra):
+    env = dict(os.environ, PICOCHAT_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("PICOCHAT_MIRROR", None)
+    env.update(extra)
+    return env
+
+
+def _train(home, tag, *flags, env_extra=None):
+    cmd = [sys.executable, "-m", "picochat", "base-train", *TRAIN, "--data-dir", str(home / "shards"),
+           "--model-tag", tag, *flags]
+    p = subprocess.Popen(cmd, env=_env(home, **(env_extra or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, cwd=REPO)
+    out = p.communicate()[0]
+    return out, p.returncode
+
+
+def _metrics(home, tag):
+    rows = [json.loads(l) for l in (home / "checkpoints" / "base" / tag / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("smooth_loss"), r.get("val_bpb")) for r in rows]
+
+
+@pytest.fixture
+def tiny_home(picochat_home, tiny_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    tiny_tokenizer.save(picochat_home / "tokenizer")
+    rng = random.Random(0)
+    words = ("the quick brown fox jumps over a lazy dog it was the best of times and the worst of times "
+             "ships sailed many miles and few returned").split()
+    shards = picochat_home / "shards"
+    shards.mkdir()
+    for i in range(3):  # 2 train shards + 1 val shard, several row groups each
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) + "." for _ in range(120)]
+        pq.write_table(pa.table({"text": docs}), shards / f"shard_{i:05d}.parquet", row_group_size=40)
+    return picochat_home
+
+
+def test_kill_and_resume_is_bitwise_exact_then_base_eval(tiny_home, request):
+    home = tiny_home
+    # the uninterrupted reference run, in parallel with the interrupted chain (separate model tags)
+    ref = subprocess.Popen([sys.executable, "-m", "picochat", "base-train", *TRAIN, "--data-dir", str(home / "shards"),
+                            "--model-tag", "ref"], env=_env(home), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    ckdir = home / "checkpoints" / "base" / "run"
+    # 1) SIGKILL in the middle of the step-4 save: tensors written, meta not -> must resume from step 2
+    out, rc = _train(home, "run", env_extra={"PICOCHAT_FAULT_SIGKILL_SAVE": "4"})
+    assert rc == -signal.SIGKILL, out
+    assert (ckdir / "model_000004.safetensors").exists() and not (ckdir / "meta_000004.json").exists()
+    # 2) resume, then SIGKILL at a random step after the step-4 checkpoint
+    kill_at = random.Random().randint(5, 7)
+    out, rc = _train(home, "run", "--resume", "auto", env_extra={"PICOCHAT_FAULT_SIGKILL": str(kill_at)})
+    assert rc == -signal.SIGKILL, out
+    assert "resuming from step 2" in out, out
+    # 3) resume to the end
+    out, rc = _train(home, "run", "--resume", "auto")
+    assert rc == 0, out
+    expect_resume = 6 if kill_at == 7 else 4
+    assert f"resuming from step {expect_resume}" in out, out
+    ref_out = ref.communicate()[0]
+    assert ref.returncode == 0, ref_out
+    a, b = _metrics(home, "ref"), _metrics(home, "run")
+    assert [r[0] for r in a] == list(range(9))
+    assert a == b, f"kill at {kill_at}: metrics differ\n{a}\n{b}"  # bitwise: floats compared exactly
+    assert sum(r[3] is not None for r in a) == 3  # val bpb at steps 0, 4, 8
+    assert "sample:" in ref_out and "minimum val bpb" in ref_out
+    meta = json.loads((ckdir / "meta_000008.json").read_text())
+    for key in ("model_config", "user_config", "picochat_version", "compute_dtype", "world_size", "tokenizer",
+                "dataloader_state", "loop_state", "rng_state"):
+        assert key in meta, key
+    assert meta["tokenizer"]["sha256"]
+    # a different model config is refused, naming the difference
+    out, rc = _train(home, "run", "--resume", "6", "--aspect-ratio", "64")
+    assert rc != 0 and "n_embd: checkpoint=64 vs now=128" in out, out
+
+    # 4) base-eval on a small CORE subset through the shared-data mirror (skips when absent)
+    shared = request.getfixturevalue("mirror_url")
+    tasks = "copa,winograd,lambada_openai,arc_easy,coqa"
+    p = subprocess.run([sys.executable, "-m", "picochat", "base-eval", "--model-tag", "ref", "--eval", "core,bpb",
+                        "--tasks", tasks, "--max-per-task", "3", "--device-batch-size", "2", "--split-tokens", "128",
+                        "--data-dir", str(home / "shards"), "--device-type", "cpu"],
+                       env=_env(home, PICOCHAT_MIRROR=shared), capture_output=True, text=True, cwd=REPO)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "CORE over 4/5 tasks (missing: coqa)" in out
+    rows = list(csv.reader((home / "base_eval" / "ref_000008.csv").read_text().splitlines()))
+    labels = [r[0].strip() for r in rows[1:]]
+    assert labels == ["arc_easy", "copa", "lambada_openai", "winograd", "CORE"]
+    accs = [float(r[1]) for r in rows[1:-1]]
+    assert all(0.0 <= x <= 1.0 for x in accs)
+    assert "val bpb" in out

@@ -1,0 +1,126 @@
+"""Export to HF transformers and import from nanochat: logits, greedy generation, chat template, errors."""
+import json
+import pickle
+
+import pytest
+import torch
+
+from picochat.gpt import GPTConfig, build_model
+
+transformers = pytest.importorskip("transformers")
+
+CONVERSATION = {"messages": [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 6*7? Answer with a number."},
+    {"role": "assistant", "content": [
+        {"type": "text", "text": "Let me compute: "},
+        {"type": "python", "text": "6*7"},
+        {"type": "python_output", "text": "42"},
+        {"type": "text", "text": " so it is 42."},
+    ]},
+    {"role": "user", "content": "Héllo wörld 🙂 and 12345?"},
+    {"role": "assistant", "content": "Sure."},
+]}
+
+
+def tiny_model(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=4, n_head=2, n_kv_head=2, n_embd=64,
+                       window_pattern="SSL")
+    model = build_model(config, torch.device("cpu"), torch.float32)
+    with torch.no_grad():  # make every path count: smear is off and projections are zero at init
+        model.smear_lambda.fill_(0.7)
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def exported(tmp_path, tiny_tokenizer):
+    from picochat.export import export_hf
+    model = tiny_model(tiny_tokenizer.get_vocab_size())
+    out = export_hf(model, tiny_tokenizer, tmp_path / "hf")
+    return model, out
+
+
+def test_export_logits_and_greedy_generation_match(exported):
+    model, out = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert not any(f.suffix in (".pkl", ".pt", ".bin") for f in out.iterdir())  # no pickles exported
+    idx = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    # same fp32 math in a different order (explicit-mask SDPA vs our kernels): 1e-5 is ample
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+    prompt = [int(t) for t in idx[0, :8]]
+    ref = list(model.generate(prompt, max_tokens=32, temperature=0.0))
+    gen = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert gen[0, len(prompt):].tolist() == ref
+
+
+def test_export_tokenizer_and_chat_template(exported, tiny_tokenizer):
+    _, out = exported
+    # trust_remote_code=False: the tokenizer itself needs none of our code
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
+    # (HF tokenizers parse special-token strings inside raw text, ours never do: such text is left out here)
+    for text in ["The quick brown fox, 1234567 times!", "Héllo wörld 🙂 你好", "  spaces\n\n\tand tabs  ", "it's 3.14159"]:
+        assert tok.encode(text, add_special_tokens=False) == tiny_tokenizer.encode(text)
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    messages = CONVERSATION["messages"][:-1]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    assert list(ids) == tiny_tokenizer.render_for_completion(CONVERSATION)
+
+
+def _write_nanochat_checkpoint(root, model, tokenizer, step=7):
+    """A checkpoint in nanochat's documented layout (reference sections 1.4, 8.6, 21)."""
+    import tiktoken
+    ckpt = root / "base_checkpoints" / "d4"
+    ckpt.mkdir(parents=True)
+    state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}  # as saved from a compiled model
+    torch.save(state, ckpt / f"model_{step:06d}.pt")
+    (ckpt / f"meta_{step:06d}.json").write_text(json.dumps({"step": step, "model_config": model.config.to_dict(),
+                                                            "user_config": {"depth": 4}}))
+    enc = tiktoken.Encoding("rustbpe", pat_str=tokenizer.pattern,
+                            mergeable_ranks={b: i for i, b in enumerate(tokenizer.ranks)},
+                            special_tokens={s: tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()})
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps(enc))
+    return ckpt
+
+
+def test_import_nanochat_round_trip(tmp_path, picochat_home, tiny_tokenizer):
+    from picochat.checkpoint import load_model
+    from picochat.import_nanochat import import_checkpoint
+    model = tiny_model(tiny_tokenizer.get_vocab_size(), seed=3)
+    ckpt = _write_nanochat_checkpoint(tmp_path / "nanochat", model, tiny_tokenizer)
+    with pytest.raises(PermissionError, match="--allow-pickle"):
+        import_checkpoint(ckpt)
+    out = import_checkpoint(ckpt, allow_pickle=True)
+    assert not any(f.suffix in (".pkl", ".pt") for f in out.rglob("*"))
+    loaded, tok, meta = load_model("base", torch.device("cpu"), model_tag="d4")
+    assert meta["step"] == 7 and tok.ranks == tiny_tokenizer.ranks
+    idx = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_import_rejects_bad_inputs(tmp_path, picochat_home, tiny_tokenizer):
+    from picochat.import_nanochat import import_checkpoint, read_nanochat_tokenizer
+    model = tiny_model(tiny_tokenizer.get_vocab_size())
+    ckpt = _write_nanochat_checkpoint(tmp_path / "nanochat", model, tiny_tokenizer)
+    # an older architecture: no smear / backout parameters
+    state = torch.load(ckpt / "model_000007.pt", weights_only=True)
+    for k in [k for k in state if "smear" in k or "backout" in k]:
+        del state[k]
+    torch.save(state, ckpt / "model_000007.pt")
+    with pytest.raises(ValueError, match="missing parameters.*smear"):
+        import_checkpoint(ckpt, allow_pickle=True)
+    # a pickle that tries to run code is refused before anything runs
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load os.system"):
+        read_nanochat_tokenizer(evil)

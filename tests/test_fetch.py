@@ -1,0 +1,252 @@
+"""fetch.py and `picochat data download`: a loopback server that injects faults (dropped connection, HTTP 500,
+truncated body, slow response, corrupt body) must still leave only complete, byte-identical shards, no temp
+files, and a second run must download nothing."""
+import json
+import socket
+import struct
+import threading
+import time
+import collections
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+from pathlib import Path
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from picochat import fetch, dataset
+
+CLIENT_TIMEOUT = 0.5
+SLOW_SECONDS = 1.5  # > CLIENT_TIMEOUT: the client must give up and retry
+
+
+class FaultServer:
+    """Serves `root` over loopback; faults[relpath] is a list consumed one per request (then plain success)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.faults = {}
+        self.counts = collections.Counter()
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                try:
+                    server._serve(self)
+                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+                    pass  # the client gave up (slow fault): expected
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def _serve(self, h):
+        rel = unquote(h.path.split("?")[0].lstrip("/"))
+        with self.lock:
+            self.counts[rel] += 1
+            pending = self.faults.get(rel)
+            fault = pending.pop(0) if pending else "ok"
+        path = self.root / rel
+        if not path.is_file():
+            h.send_error(404)
+            return
+        if fault == "500":
+            h.send_error(500, "injected")
+            return
+        data = path.read_bytes()
+        if fault == "slow":
+            time.sleep(SLOW_SECONDS)
+        if fault == "corrupt":
+            data = bytes(len(data))  # right length, not a parquet file
+        h.send_response(200)
+        h.send_header("Content-Type", "application/octet-stream")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if fault == "drop":  # half the body, then a hard reset (RST) mid-file
+            h.wfile.write(data[:len(data) // 2])
+            h.wfile.flush()
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            h.connection.close()
+            h.close_connection = True
+            return
+        if fault == "truncate":  # Content-Length promises more than is sent, then a clean close
+            h.wfile.write(data[:len(data) - 4096])
+            h.wfile.flush()
+            h.close_connection = True
+            return
+        h.wfile.write(data)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fault_server(shared_data):
+    server = FaultServer(shared_data)
+    yield server
+    server.close()
+
+
+@pytest.fixture(autouse=True)
+def _fast_and_clean(monkeypatch, picochat_home):
+    monkeypatch.setenv("PICOCHAT_FETCH_BACKOFF", "0.01")
+    fetch.set_mirror(None)
+    yield
+    fetch.set_mirror(None)
+
+
+def _leftovers(directory: Path):
+    return [p.name for p in directory.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_download_survives_injected_faults(fault_server, shared_data, tmp_path):
+    src = shared_data / "pretrain"
+    fault_server.faults = {
+        "pretrain/shard_00006.parquet": ["drop", "500", "corrupt"],
+        "pretrain/shard_00005.parquet": ["truncate", "slow", "500"],
+    }
+    fetch.set_mirror(fault_server.url)
+    dest_dir = tmp_path / "shards"
+    for name in ("shard_00005.parquet", "shard_00006.parquet"):
+        out = fetch.download(f"pretrain/{name}", None, dest_dir / name, validate=dataset.validate_shard,
+                             timeout=CLIENT_TIMEOUT, progress=False)
+        assert out == dest_dir / name
+    assert fault_server.counts["pretrain/shard_00006.parquet"] == 4  # 3 faults + 1 success
+    assert fault_server.counts["pretrain/shard_00005.parquet"] == 4
+    assert sorted(p.name for p in dest_dir.iterdir()) == ["shard_00005.parquet", "shard_00006.parquet"]
+    for name in ("shard_00005.parquet", "shard_00006.parquet"):
+        assert (dest_dir / name).read_bytes() == (src / name).read_bytes()
+    # second run: present and valid -> not a single request
+    fault_server.counts.clear()
+    for name in ("shard_00005.parquet", "shard_00006.parquet"):
+        fetch.download(f"pretrain/{name}", None, dest_dir / name, validate=dataset.validate_shard, progress=False)
+    assert sum(fault_server.counts.values()) == 0
+
+
+def test_data_download_cli_with_faults_then_nothing_to_do(fault_server, shared_data, picochat_home):
+    src = shared_data / "pretrain"
+    fault_server.faults = {
+        "pretrain/shard_00000.parquet": ["500", "drop", "slow"],
+        "pretrain/shard_00006.parquet": ["truncate", "corrupt", "drop", "500"],
+        "pretrain/manifest.json": ["500"],
+    }
+    args = ["download", "-n", "1", "-w", "2", "--mirror", fault_server.url, "--timeout", str(CLIENT_TIMEOUT)]
+    assert dataset.main(args) == 0
+    out = picochat_home / "data" / "climbmix"
+    # the manifest says shard_00006 is the validation shard, so -n 1 -> shard 0 + shard 6
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["shard_00000.parquet", "shard_00006.parquet"]
+    assert not _leftovers(out)
+    for p in out.glob("*.parquet"):
+        assert p.read_bytes() == (src / p.name).read_bytes()
+    assert dataset.split_files("val") == [out / "shard_00006.parquet"]
+    fault_server.counts.clear()
+    assert dataset.main(args) == 0
+    assert not [k for k in fault_server.counts if k.endswith(".parquet")], fault_server.counts
+
+
+def test_persistent_failure_names_url_and_fix(fault_server, tmp_path):
+    fault_server.faults = {"pretrain/shard_00006.parquet": ["500"] * 10}
+    fetch.set_mirror(fault_server.url)
+    dest = tmp_path / "shard_00006.parquet"
+    with pytest.raises(fetch.DownloadError) as e:
+        fetch.download("pretrain/shard_00006.parquet", None, dest, retries=3, progress=False)
+    msg = str(e.value)
+    assert f"{fault_server.url}/pretrain/shard_00006.parquet" in msg and "PICOCHAT_MIRROR" in msg
+    assert "3 attempts" in msg
+    assert fault_server.counts["pretrain/shard_00006.parquet"] == 3
+    assert not dest.exists() and not _leftovers(tmp_path)
+
+
+def test_missing_file_is_not_retried(fault_server, tmp_path):
+    fetch.set_mirror(fault_server.url)
+    with pytest.raises(fetch.DownloadError, match="404"):
+        fetch.download("pretrain/nope.parquet", None, tmp_path / "nope.parquet", progress=False)
+    assert fault_server.counts["pretrain/nope.parquet"] == 1
+
+
+def test_download_locked_downloads_once(fault_server, tmp_path):
+    fetch.set_mirror(fault_server.url)
+    dest = tmp_path / "shard_00006.parquet"
+    errors = []
+
+    def worker():
+        try:
+            fetch.download_locked("pretrain/shard_00006.parquet", None, dest, validate=dataset.validate_shard,
+                                  progress=False)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert fault_server.counts["pretrain/shard_00006.parquet"] == 1
+    dataset.validate_shard(dest)
+
+
+def test_no_mirror_and_no_url_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("PICOCHAT_MIRROR", raising=False)
+    with pytest.raises(fetch.DownloadError, match="PICOCHAT_MIRROR") as e:
+        fetch.download("gsm8k/test.jsonl", None, tmp_path / "test.jsonl")
+    assert "gsm8k/test.jsonl" in str(e.value)
+    monkeypatch.setenv("PICOCHAT_MIRROR", str(tmp_path / "does-not-exist"))
+    with pytest.raises(fetch.DownloadError, match="does-not-exist"):
+        fetch.download("gsm8k/test.jsonl", None, tmp_path / "test.jsonl")
+
+
+def test_mirror_setting_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("PICOCHAT_MIRROR", "http://example.invalid/data/")
+    assert fetch.get_mirror() == "http://example.invalid/data"
+    assert fetch.resolve_source("core/core.yaml") == ("url", "http://example.invalid/data/core/core.yaml")
+    fetch.set_mirror(str(tmp_path))
+    assert fetch.resolve_source("core/core.yaml") == ("file", tmp_path / "core" / "core.yaml")
+    fetch.set_mirror(None)
+    assert fetch.get_mirror() == "http://example.invalid/data"
+    monkeypatch.delenv("PICOCHAT_MIRROR")
+    assert fetch.resolve_source("x", "https://a/b") == ("url", "https://a/b")
+
+
+def _tiny_shard(path, texts):
+    pq.write_table(pa.table({"text": texts}), path)
+
+
+def test_local_directory_mirror(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    (mirror / "pretrain").mkdir(parents=True)
+    shards = []
+    for i in range(4):
+        name = f"shard_{i:05d}.parquet"
+        _tiny_shard(mirror / "pretrain" / name, [f"doc {i} {j}" for j in range(5)])
+        shards.append({"file": name, "split": "val" if i == 3 else "train",
+                       "file_bytes": (mirror / "pretrain" / name).stat().st_size})
+    (mirror / "pretrain" / "manifest.json").write_text(json.dumps({"shards": shards}))
+    (mirror / "gsm8k").mkdir()
+    (mirror / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?"}\n')
+    monkeypatch.setenv("PICOCHAT_MIRROR", str(mirror))
+    # any relpath, copied through a temp file
+    dest = tmp_path / "out" / "test.jsonl"
+    fetch.download("gsm8k/test.jsonl", None, dest)
+    assert dest.read_text() == '{"question": "1+1?"}\n' and not _leftovers(tmp_path / "out")
+    # asking for more train shards than the mirror has: take what exists, warn clearly
+    warnings = []
+    monkeypatch.setattr(dataset.logger, "warning", lambda msg, *a, **k: warnings.append(msg))
+    out = tmp_path / "data"
+    assert dataset.main(["download", "-n", "10", "--data-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.parquet")) == [s["file"] for s in shards]
+    assert any("only 3" in w for w in warnings), warnings
+    # a corrupt local mirror file is reported, naming it, without endless retries
+    bad = mirror / "pretrain" / "shard_00002.parquet"
+    bad.write_bytes(b"not parquet")
+    (out / "shard_00002.parquet").unlink()
+    assert dataset.main(["download", "-n", "3", "--data-dir", str(out)]) == 1
+    assert not (out / "shard_00002.parquet").exists() and not _leftovers(out)

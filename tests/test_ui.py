@@ -1,0 +1,256 @@
+"""The web UI (picochat/ui.html) in headless Chromium, driven over the Chrome DevTools Protocol.
+CDP runs over --remote-debugging-pipe (fds 3/4, NUL-separated JSON), so no websocket library and no
+debugging port are needed. Skipped, with the reason, where Debian's chromium is not installed."""
+import os
+import json
+import time
+import fcntl
+import shutil
+import select
+import tempfile
+import subprocess
+
+import pytest
+import torch
+
+from picochat.serve import create_app, ServerThread
+
+CHROMIUM = os.environ.get("PICOCHAT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"Chromium not found at {CHROMIUM} (apt-get install chromium, "
+                                       "or set PICOCHAT_CHROMIUM) - the UI test needs a headless browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-extensions", "--mute-audio", "--remote-debugging-pipe"]
+
+class Browser:
+    """Minimal CDP client: one page target, commands in order, events ignored."""
+    def __init__(self):
+        self.profile = tempfile.mkdtemp(prefix="picochat-chromium-")
+        to_child_r, self._w = os.pipe()     # we write commands, Chromium reads fd 3
+        self._r, from_child_w = os.pipe()   # Chromium writes fd 4, we read
+        def fds():  # in the child: our pipe ends become fds 3 and 4 (via high numbers, so nothing is clobbered)
+            hi_r, hi_w = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 100), fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 100)
+            os.dup2(hi_r, 3)
+            os.dup2(hi_w, 4)
+        # pass_fds=(3, 4): close_fds runs after preexec_fn and keeps only these
+        self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+                                     preexec_fn=fds, pass_fds=(3, 4),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.buf, self.next_id, self.session = b"", 0, None
+        # generous: a cold Chromium start on a loaded 2-core machine can take 15 s or more
+        target = self.call("Target.createTarget", {"url": "about:blank"}, timeout=120)["targetId"]
+        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        self.call("Page.enable")
+        self.call("Runtime.enable")
+
+    def call(self, method, params=None, timeout=30):
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params or {}}
+        if self.session and not method.startswith("Target."):
+            msg["sessionId"] = self.session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        deadline = time.time() + timeout
+        while True:
+            while b"\0" in self.buf:
+                raw, self.buf = self.buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self.next_id:
+                    if "error" in reply:
+                        raise RuntimeError(f"CDP {method}: {reply['error']}")
+                    return reply.get("result", {})
+            left = deadline - time.time()
+            if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                raise TimeoutError(f"CDP {method}: no reply in {timeout}s")
+            chunk = os.read(self._r, 1 << 16)
+            if not chunk:
+                raise RuntimeError("Chromium exited")
+            self.buf += chunk
+
+    def js(self, expr):
+        r = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"JS error in {expr!r}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def wait_for(self, expr, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.js(expr)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise TimeoutError(f"timed out waiting for {expr}")
+
+    def open(self, url, width=1280, height=800, mobile=False):
+        self.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
+                                                         "deviceScaleFactor": 1, "mobile": mobile})
+        self.call("Page.navigate", {"url": url})
+        self.wait_for("document.readyState === 'complete' && !!document.getElementById('input')")
+
+    def type_and_enter(self, text):
+        self.js("document.getElementById('input').focus()")
+        self.call("Input.insertText", {"text": text})
+        for kind in ("keyDown", "keyUp"):  # a real Enter key press: the page's keydown handler sends
+            self.call("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
+                                                 "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13})
+
+    def screenshot(self, path):
+        import base64
+        data = self.call("Page.captureScreenshot", {"format": "png"})["data"]
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(data))
+
+    def close(self):
+        try:
+            self.call("Browser.close", timeout=5)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._w)
+        os.close(self._r)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model gains nothing from intra-op threads; on a busy 2-core machine they only spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+@pytest.fixture(scope="module")
+def browser():
+    b = Browser()
+    yield b
+    b.close()
+
+@pytest.fixture(scope="module")
+def stack(tiny_tokenizer):
+    from picochat.gpt import GPTConfig, build_model
+    from picochat.engine import Engine
+    cfg = GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
+                    n_kv_head=2, n_embd=64, window_pattern="L")
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.device("cpu"))
+    model.eval()
+    return Engine(model, tiny_tokenizer), tiny_tokenizer
+
+@pytest.fixture(scope="module")
+def server(stack):
+    engine, tok = stack
+    with ServerThread(create_app([(engine, tok, "cpu")], model_name="picochat-ui-test")) as srv:
+        yield srv
+
+def greedy_reply(stack, messages, max_tokens=512):
+    """What the page must show for a temperature-0 request: the Engine's greedy completion, decoded."""
+    engine, tok = stack
+    prompt = engine.chat_prompt(messages, max_tokens)
+    results, _ = engine.generate_batch(prompt, max_tokens=max_tokens, temperature=0.0, top_k=50)
+    return tok.decode_bytes(results[0][len(prompt):]).decode("utf-8", errors="replace")
+
+STATE = """JSON.stringify({
+  users: [...document.querySelectorAll('.msg.user')].map(e => e.textContent),
+  answers: [...document.querySelectorAll('.msg.assistant .text')].map(e => e.textContent),
+  error: (document.querySelector('.error') || {}).textContent || null,
+  busy: document.getElementById('send').textContent === 'Stop'})"""
+
+def state(browser):
+    return json.loads(browser.js(STATE))
+
+def wait_idle(browser, n_answers):
+    browser.wait_for(f"(() => {{ const s = {STATE.strip()}; const j = JSON.parse(s);"
+                     f" return !j.busy && (j.answers.length === {n_answers} || j.error); }})()")
+    return state(browser)
+
+def test_chat_streams_a_reply_edit_and_regenerate(browser, server, stack, tmp_path):
+    browser.open(server.url + "/")
+    browser.wait_for("document.getElementById('status').className === 'ok'")  # /health checked on load
+    assert browser.js("document.getElementById('banner').classList.contains('show')") is False
+    browser.js("document.getElementById('temperature').value = '0'")  # greedy: the reply is predictable
+
+    # HTML in a message is shown as text, never parsed
+    text = "Hi <b>there</b> & <img src=x onerror=alert(1)>\n  indented"
+    browser.type_and_enter(text)
+    s = wait_idle(browser, 1)
+    assert s["error"] is None
+    assert s["users"] == [text]
+    assert browser.js("document.querySelectorAll('.msg.user b, .msg.user img').length") == 0
+    assert browser.js("getComputedStyle(document.querySelector('.msg.user')).whiteSpace") == "pre-wrap"
+    expected = greedy_reply(stack, [{"role": "user", "content": text}])
+    assert expected and s["answers"] == [expected]
+    assert browser.js("document.getElementById('input').value") == ""
+    browser.screenshot(tmp_path / "desktop.png")
+
+    # a second turn, then regenerate the second answer: same (greedy) answer, no extra messages
+    browser.type_and_enter("and then?")
+    s = wait_idle(browser, 2)
+    history = [{"role": "user", "content": text}, {"role": "assistant", "content": expected},
+               {"role": "user", "content": "and then?"}]
+    second = greedy_reply(stack, history)
+    assert s["answers"] == [expected, second]
+    browser.js("document.querySelectorAll('.msg.assistant .regen')[1].click()")
+    s = wait_idle(browser, 2)
+    assert s["users"] == [text, "and then?"] and s["answers"] == [expected, second]
+
+    # edit the first user message: the conversation is truncated there and resent
+    browser.js("document.querySelector('.msg.user').click()")
+    browser.wait_for("!!document.querySelector('.edit-box textarea')")
+    browser.js("document.querySelector('.edit-box textarea').value = 'What is 6*7?'")
+    browser.js("[...document.querySelectorAll('.edit-box button')].find(b => b.textContent.startsWith('Save')).click()")
+    s = wait_idle(browser, 1)
+    assert s["users"] == ["What is 6*7?"]
+    assert s["answers"] == [greedy_reply(stack, [{"role": "user", "content": "What is 6*7?"}])]
+
+    # new conversation clears everything
+    browser.js("document.getElementById('new-chat').click()")
+    assert state(browser)["users"] == [] and state(browser)["answers"] == []
+
+def test_shift_enter_does_not_send(browser, server):
+    browser.open(server.url + "/")
+    browser.js("document.getElementById('input').focus()")
+    browser.call("Input.insertText", {"text": "line one"})
+    for kind in ("keyDown", "keyUp"):  # modifiers 8 = Shift
+        browser.call("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter", "modifiers": 8,
+                                                "windowsVirtualKeyCode": 13, "text": "\r" if kind == "keyDown" else ""})
+    time.sleep(0.2)
+    s = state(browser)
+    assert s["users"] == [] and not s["busy"]
+    assert browser.js("document.getElementById('input').value").startswith("line one")
+
+def test_errors_show_in_a_red_box(browser, server):
+    browser.open(server.url + "/")
+    browser.js("document.getElementById('temperature').value = '0'")
+    browser.type_and_enter("x" * 9000)  # over the server's 8000-character limit -> HTTP 400
+    s = wait_idle(browser, 0)
+    assert "too long" in s["error"]
+    # the rejected message is not kept in the conversation; it goes back to the input box to be fixed
+    assert s["users"] == [] and browser.js("document.getElementById('input').value") == "x" * 9000
+    assert browser.js("getComputedStyle(document.querySelector('.error')).color") == "rgb(153, 27, 27)"
+
+def test_phone_width_has_no_horizontal_overflow(browser, server, tmp_path):
+    browser.open(server.url + "/", width=375, height=740, mobile=True)
+    browser.js("document.getElementById('temperature').value = '0'")
+    browser.type_and_enter("a" * 300 + " a long unbroken word, then some text")
+    s = wait_idle(browser, 1)
+    assert s["error"] is None and s["answers"][0]
+    widths = browser.js("""[document.documentElement.scrollWidth, document.body.scrollWidth, window.innerWidth,
+        Math.max(...[...document.querySelectorAll('body *')].map(e => e.getBoundingClientRect().right))]""")
+    doc, body, inner, rightmost = widths
+    assert inner == 375 and doc <= inner and body <= inner and rightmost <= inner + 0.5, widths
+    send = browser.js("JSON.stringify(document.getElementById('send').getBoundingClientRect())")
+    assert json.loads(send)["right"] <= 375
+    browser.screenshot(tmp_path / "phone.png")
+
+def test_model_not_loaded_banner(browser):
+    with ServerThread(create_app([], model_name="none")) as srv:
+        browser.open(srv.url + "/")
+        banner = browser.wait_for("document.getElementById('banner').classList.contains('show') && "
+                                  "document.getElementById('banner').textContent")
+        assert "Model not loaded" in banner
