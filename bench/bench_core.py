@@ -9,7 +9,6 @@ Tokenizer: $PICOCHAT_HOME/tokenizer when it exists, else one trained here (vocab
 --tok-chars characters of the shared pretraining shard. Bundle: --bundle-dir (default ../shared/data/core).
 Prints a per-task table and a final JSON line.
 """
-import os
 import sys
 import json
 import time

@@ -22,7 +22,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
 
 from picochat.common import get_base_dir, compute_init, compute_cleanup, print0, warn0, atomic_path, logger
 
@@ -70,7 +69,10 @@ def bundle_dir(local_dir=None) -> Path:
             fetch.download_locked(f"core/{name}", None, dest / name, progress=False)
         return dest
     if not (dest / "core.yaml").exists():
-        _fetch_zip_bundle(dest)
+        from filelock import FileLock
+        with FileLock(str(dest) + ".lock"):  # one rank downloads and unzips, the others wait
+            if not (dest / "core.yaml").exists():
+                _fetch_zip_bundle(dest)
     return dest
 
 
@@ -188,8 +190,7 @@ def main(argv=None):
     if "bpb" in evals:
         from picochat.dataloader import pretrain_batches
         from picochat.loss_eval import evaluate_bpb
-        from picochat.tokenizer import get_token_bytes
-        token_bytes = get_token_bytes(rt.device)
+        token_bytes = tokenizer.token_bytes().to(rt.device)  # the checkpoint's own tokenizer
         tokens_per_step = args.device_batch_size * T * rt.world_size
         steps = max(1, args.split_tokens // tokens_per_step)
         for split in ("train", "val"):

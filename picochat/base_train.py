@@ -16,12 +16,15 @@ one JSON row per training step: step, loss (this step's mean train loss), smooth
 tok_per_sec, mfu, time_s (training time so far), plus val_bpb / core_metric on the steps they were measured.
 A row with "step": s describes the model after s optimizer steps (loss is measured before update s+1);
 the final row (step = num_iterations) has only the final evaluations.
+
+Fault injection (tests of exact resume / atomic saves): PICOCHAT_FAULT_SIGKILL=<s> SIGKILLs the process just
+before training step s; PICOCHAT_FAULT_SIGKILL_SAVE=<s> SIGKILLs it inside the step-s save, after the tensors
+and before the meta.
 """
 import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import gc
-import json
 import math
 import time
 import signal
@@ -32,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from picochat import __version__
-from picochat.common import (compute_init, compute_cleanup, print0, warn0, get_base_dir, synchronize,
+from picochat.common import (compute_init, compute_cleanup, print0, warn0, synchronize,
                              get_peak_flops, measure_cpu_matmul_peak, device_name, format_mfu, init_wandb,
                              max_memory_allocated, barrier)
 from picochat import checkpoint as ckpt
@@ -238,7 +241,13 @@ def run_core(model, tokenizer, device, max_per_task, batch_size):
     from picochat.base_eval import load_core_tasks
     from picochat.core_eval import evaluate_core
     if _core_tasks is None:
-        _core_tasks = load_core_tasks()
+        try:
+            _core_tasks = load_core_tasks()
+        except (OSError, RuntimeError, ValueError) as e:  # no bundle (offline, no mirror): training goes on
+            warn0(f"CORE evaluation disabled: the CORE bundle is unavailable ({e})")
+            _core_tasks = False
+    if _core_tasks is False:
+        return None
     tasks, missing, total = _core_tasks
     out = evaluate_core(model, tokenizer, tasks, max_per_task=max_per_task, device=device,
                         batch_size=batch_size, max_len=getattr(model, "rotary_len", None), log=None)
@@ -258,11 +267,12 @@ def main(argv=None):
     device, device_type, dtype, master = rt.device, rt.device_type, rt.dtype, rt.master
     t_start = time.time()
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
-    use_fp8 = args.fp8 and device_type == "cuda"
-    if args.fp8 and not use_fp8:
-        warn0("--fp8 needs CUDA; training without FP8")
     if args.fp8 and args.fp8_recipe != "tensorwise":
         raise ValueError("--fp8-recipe rowwise is not implemented; use tensorwise")
+    use_fp8 = False
+    if args.fp8:
+        from picochat.fp8 import resolve_fp8
+        use_fp8 = resolve_fp8(True, device)  # CUDA SM90+ only; warns and returns False elsewhere
     wandb_run = init_wandb("picochat", args.run, vars(args), master)
 
     tokenizer = get_tokenizer()
@@ -302,11 +312,16 @@ def main(argv=None):
         ckpt.set_rng_state(meta["rng_state"])
         if master:
             ckpt.truncate_metrics(ckpt_dir, resume_step)  # the resumed run rewrites rows from resume_step on
-    elif master:
-        ckpt.truncate_metrics(ckpt_dir, 0)
-        if ckpt.list_steps(ckpt_dir):
-            warn0(f"{ckpt_dir} already holds checkpoints {ckpt.list_steps(ckpt_dir)}; this fresh run will "
-                  "overwrite them as it goes (use --resume auto to continue instead)")
+    else:
+        # a fresh run must not mix with an older run's checkpoints: a later --resume auto would pick up the
+        # stale, higher-step ones
+        existing = [st for st in ckpt.list_steps(ckpt_dir) if ckpt.is_complete(ckpt_dir, st)]
+        if existing:
+            raise ValueError(f"{ckpt_dir} already holds checkpoints of an earlier run (steps {existing}). "
+                             "Pass --resume auto to continue it, choose another --model-tag, or delete that "
+                             "directory to start over.")
+        if master:
+            ckpt.truncate_metrics(ckpt_dir, 0)
     barrier()
 
     orig_model = model  # uncompiled: for saving, CORE and sampling
@@ -372,6 +387,7 @@ def main(argv=None):
     peak_flops_world = peak_flops * rt.world_size if peak_flops else None
     mfu = None
     row = {}
+    timed_steps_this_run, timed_time_this_run = 0, 0.0  # for the mean MFU of the report
 
     while True:
         last_step = step == num_iterations
@@ -392,17 +408,16 @@ def main(argv=None):
                            "total_training_time": total_training_time, "val/bpb": val_bpb})
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
             orig_model.eval()
-            try:
-                with _fp8_eval_context(orig_model, use_fp8):
-                    core_result = run_core(orig_model, tokenizer, device, args.core_metric_max_per_task,
-                                           args.device_batch_size)
+            with _fp8_eval_context(orig_model, use_fp8):
+                result = run_core(orig_model, tokenizer, device, args.core_metric_max_per_task,
+                                  args.device_batch_size)
+            if result is not None:
+                core_result = result
                 row["core_metric"] = core_result["core_metric"]
                 print0(f"step {step:05d} | CORE {core_result['core_metric']:.4f} "
                        f"(over {core_result['tasks_used']}/{core_result['tasks_total']} tasks)")
                 wandb_run.log({"step": step, "core_metric": core_result["core_metric"],
                                "centered_results": core_result["centered_results"]})
-            except Exception as e:  # no bundle (offline): training goes on, loudly
-                warn0(f"CORE evaluation skipped at step {step}: {e}")
             orig_model.train()
         if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             orig_model.eval()
@@ -419,7 +434,9 @@ def main(argv=None):
                 "total_batch_size": total_batch, "num_iterations": num_iterations,
                 "compute_dtype": str(dtype).removeprefix("torch."),
                 "derived": {k: v for k, v in d.items() if k != "params"},
-                "dataloader_state": gather_state(consumed_state) if consumed_state is not None else None,
+                # every rank's loader state (a state restored from a checkpoint is already in gathered form)
+                "dataloader_state": (consumed_state if consumed_state is None or "ranks" in consumed_state
+                                     else gather_state(consumed_state)),
                 "loop_state": {"smooth_train_loss": smooth_loss, "min_val_bpb": _json_float(min_val_bpb),
                                "total_training_time": total_training_time},
                 "rng_state": ckpt.get_rng_state(),
@@ -479,6 +496,8 @@ def main(argv=None):
         debiased = smooth_loss / (1 - 0.9 ** (step + 1))
         if step > 10:  # the first steps (compile, warm-up) are not counted, as the leaderboard does
             total_training_time += dt
+            timed_steps_this_run += 1
+            timed_time_this_run += dt
         tok_per_sec = int(total_batch / dt)
         mfu = 100 * d["flops_per_token"] * total_batch / dt / peak_flops_world if peak_flops_world else None
         timed_steps = step - 10
@@ -509,12 +528,15 @@ def main(argv=None):
     print0(f"peak memory: {max_memory_allocated(device_type) / 2**20:.1f} MiB")
     print0(f"total training time: {total_training_time / 60:.2f}m")
     print0(f"minimum val bpb: {min_val_bpb:.6f}" if math.isfinite(min_val_bpb) else "minimum val bpb: (not evaluated)")
+    mean_mfu = mfu
+    if peak_flops_world and timed_steps_this_run:
+        mean_mfu = 100 * d["flops_per_token"] * total_batch * timed_steps_this_run / timed_time_this_run / peak_flops_world
     if master:
         section = {
             "model_tag": model_tag, "config": config.to_dict(), "user_config": vars(args),
             "parameters": p, "scaling_params": d["scaling_params"], "flops_per_token": d["flops_per_token"],
             "total_batch_size": total_batch, "num_iterations": num_iterations, "tokens": d["total_tokens"],
-            "total_flops": d["total_flops"], "training_time_s": total_training_time, "mfu_percent": mfu,
+            "total_flops": d["total_flops"], "training_time_s": total_training_time, "mfu_percent": mean_mfu,
             "min_val_bpb": _json_float(min_val_bpb), "final_val_bpb": _json_float(val_bpb),
             "core_metric": core_result["core_metric"] if core_result else None,
             "device": device_name(device_type), "world_size": rt.world_size,

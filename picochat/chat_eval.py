@@ -18,7 +18,6 @@ Examples:
     picochat chat-eval -i rl -a GSM8K -n 8 -t 1.0
     torchrun --nproc_per_node=8 -m picochat chat-eval -i sft
 """
-import json
 import time
 import argparse
 
@@ -143,6 +142,22 @@ def evaluate_tasks(model, tokenizer, engine, task_names, batch_size=8, num_sampl
     return results
 
 
+PRODUCER = {"base": "picochat base-train", "sft": "picochat chat-sft", "rl": "picochat chat-rl"}
+
+def find_tag(source: str, model_tag=None) -> str:
+    """The model tag to load from checkpoints/<source>, with an error naming the stage that makes them."""
+    from picochat import checkpoint
+    stage_dir = get_base_dir() / "checkpoints" / source
+    if model_tag:
+        if not (stage_dir / model_tag).is_dir():
+            raise FileNotFoundError(f"no {source} checkpoints for tag {model_tag!r} in {stage_dir}; "
+                                    f"run `{PRODUCER[source]}` first or pick another --model-tag")
+        return model_tag
+    if not stage_dir.is_dir() or not any(stage_dir.iterdir()):
+        raise FileNotFoundError(f"no {source} checkpoints under {stage_dir}; run `{PRODUCER[source]}` first")
+    return checkpoint.find_largest_model(stage_dir)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="picochat chat-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,8 +184,7 @@ def main(argv=None):
     from picochat import checkpoint
     from picochat.engine import Engine
     rt = compute_init(args.device_type)
-    stage_dir = get_base_dir() / "checkpoints" / args.source
-    tag = args.model_tag or checkpoint.find_largest_model(stage_dir)
+    tag = find_tag(args.source, args.model_tag)
     model, tokenizer, meta = checkpoint.load_model(args.source, rt.device, phase="eval", model_tag=tag, step=args.step)
     step = meta.get("step", args.step)
     engine = Engine(model, tokenizer)

@@ -22,7 +22,7 @@ import itertools
 import torch
 import torch.distributed as dist
 
-from picochat.common import compute_init, compute_cleanup, print0, init_wandb, get_base_dir, logger
+from picochat.common import compute_init, compute_cleanup, print0, init_wandb, logger
 
 
 def _all_reduce(t, op=None):
@@ -37,7 +37,7 @@ def sample_completions(engine, prompt, num_samples, device_batch_size, max_new_t
     seqs, masks = [], []
     for sampling_step, start in enumerate(range(0, num_samples, device_batch_size)):
         n = min(device_batch_size, num_samples - start)
-        seed = hash((*seed_key, sampling_step)) & 0x7FFFFFFF
+        seed = hash((*seed_key, sampling_step)) & 0x7FFFFFFF   # ints only: tuple-of-int hashes are not salted
         s, m = engine.generate_batch(prompt, num_samples=n, max_tokens=max_new_tokens,
                                      temperature=temperature, top_k=top_k, seed=seed)
         seqs += s
@@ -80,7 +80,7 @@ def evaluate_passk(engine, tokenizer, task, num_examples, num_samples, device_ba
         conv = task[i]
         prompt = tokenizer.render_for_completion(conv)
         seqs, _ = sample_completions(engine, prompt, num_samples, device_batch_size, max_new_tokens,
-                                     temperature, top_k, ("eval", i))
+                                     temperature, top_k, (-1, i))
         correct = [task.evaluate(conv, tokenizer.decode(s[len(prompt):])) for s in seqs]
         counts[0] += 1
         for k in range(1, num_samples + 1):
@@ -131,8 +131,8 @@ def main(argv=None):
         raise ValueError(f"--examples-per-step {args.examples_per_step} must be divisible by the world size {rt.world_size}")
     examples_per_rank = args.examples_per_step // rt.world_size
 
-    sft_dir = get_base_dir() / "checkpoints" / "sft"
-    tag = args.model_tag or checkpoint.find_largest_model(sft_dir)
+    from picochat.chat_eval import find_tag
+    tag = find_tag("sft", args.model_tag)
     model, tokenizer, sft_meta = checkpoint.load_model("sft", device, phase="train", model_tag=tag, step=args.model_step)
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
@@ -200,8 +200,9 @@ def main(argv=None):
         mean_len = float(stats[2] / stats[1])
         dt = time.time() - t0
         print0(f"step {step + 1:05d}/{num_steps} | reward {mean_reward:.4f} | seq len {mean_len:.1f} | "
-               f"trained tokens {trained} | lrm {lrm:.3f} | dt {dt:.2f}s")
-        row = {"step": step + 1, "reward": mean_reward, "sequence_length": mean_len, "lrm": lrm, "dt": dt}
+               f"trained tokens {trained} | lrm {lrm:.3f} | dt {dt:.2f}s | rollouts/s {float(stats[1]) / dt:.2f}")
+        row = {"step": step + 1, "reward": mean_reward, "sequence_length": mean_len, "lrm": lrm, "dt": dt,
+               "rollouts_per_s": float(stats[1]) / dt}
         wandb_run.log(row)
         if master:
             checkpoint.append_metrics(out_dir, row)

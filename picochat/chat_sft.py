@@ -25,7 +25,6 @@ Examples:
     torchrun --nproc_per_node=8 -m picochat chat-sft --resume auto
 """
 import gc
-import math
 import time
 import argparse
 
@@ -57,8 +56,8 @@ class SFTLoader:
         self.buffer = []   # (dataset index, ids, mask)
         if state is not None:
             self.cursor, self.epoch, self.consumed = state["cursor"], state["epoch"], state["consumed"]
-            self.truncated = state.get("truncated", 0)
             self.buffer = [self._render(i) for i in state["buffer"]]
+            self.truncated = state.get("truncated", 0)   # after re-rendering, which would count them again
 
     def _render(self, idx):
         ids, mask = self.tokenizer.render_conversation(self.dataset[idx], max_tokens=1 << 62)
@@ -182,7 +181,10 @@ def parse_args(argv):
     p.add_argument("--model-tag", type=str, default=None, help="base (and output) tag, default: largest base model")
     p.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: last)")
     p.add_argument("--load-optimizer", type=int, default=1, help="1 = start from the base optimizer state")
-    p.add_argument("--mixture", type=str, default=None, help="training mixture spec (see picochat.tasks)")
+    p.add_argument("--mixture", type=str, default=None, help="training mixture spec (see picochat.tasks); "
+                   "default: " + "smoltalk,mmlu:3,gsm8k:4,identity:2,simplespelling,spellingbee")
+    p.add_argument("--mmlu-epochs", type=int, default=3, help="MMLU repeats in the default mixture")
+    p.add_argument("--gsm8k-epochs", type=int, default=4, help="GSM8K repeats in the default mixture")
     p.add_argument("--val-mixture", type=str, default=None, help="validation mixture spec")
     p.add_argument("--num-iterations", type=int, default=-1, help="-1 = one epoch of the mixture")
     p.add_argument("--max-seq-len", type=int, default=None, help="None = inherit from the base run")
@@ -218,7 +220,8 @@ def main(argv=None):
 
     # --- model and inherited hyperparameters
     base_dir = get_base_dir() / "checkpoints" / "base"
-    tag = args.model_tag or checkpoint.find_largest_model(base_dir)
+    from picochat.chat_eval import find_tag
+    tag = find_tag("base", args.model_tag)
     model, tokenizer, base_meta = checkpoint.load_model("base", device, phase="train", model_tag=tag,
                                                         step=args.model_step)
     base_step = base_meta.get("step", args.model_step)
@@ -251,7 +254,9 @@ def main(argv=None):
         group["initial_lr"] = group["lr"]
 
     # --- data
-    train_ds = build_mixture(args.mixture or DEFAULT_SFT_MIXTURE, "train")
+    mixture = args.mixture or (DEFAULT_SFT_MIXTURE.replace("mmlu:3", f"mmlu:{args.mmlu_epochs}")
+                                                  .replace("gsm8k:4", f"gsm8k:{args.gsm8k_epochs}"))
+    train_ds = build_mixture(mixture, "train")
     val_ds = build_mixture(args.val_mixture or DEFAULT_VAL_MIXTURE, "test")
     print0(f"train mixture: {len(train_ds):,} conversations; val mixture: {len(val_ds):,}")
 
@@ -286,8 +291,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(rt.device_type) if rt.dtype == torch.float16 else None
     token_bytes = None
     if args.eval_every > 0:
-        from picochat.tokenizer import get_token_bytes
-        token_bytes = get_token_bytes(device)
+        token_bytes = tokenizer.token_bytes().to(device)  # the checkpoint's own tokenizer
     eval_steps = max(1, args.eval_tokens // (B * T * rt.world_size))
     num_iterations = args.num_iterations
 

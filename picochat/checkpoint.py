@@ -20,6 +20,7 @@ Examples:
 import os
 import re
 import json
+import shutil
 import base64
 import random
 import hashlib
@@ -64,6 +65,8 @@ def find_largest_model(stage_dir) -> str:
     tags = [p for p in stage_dir.iterdir() if p.is_dir()] if stage_dir.is_dir() else []
     if not tags:
         raise FileNotFoundError(f"no checkpoints under {stage_dir}; train a model first (picochat base-train)")
+    # a crashed run without any complete checkpoint should not shadow a usable one
+    tags = [p for p in tags if find_last_step(p) is not None] or tags
     depths = [(int(m.group(1)), p.name) for p in tags if (m := re.fullmatch(r"d(\d+)", p.name))]
     if depths:
         return max(depths)[1]
@@ -170,10 +173,29 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizer, meta: dict, keep_last
         meta["has_optimizer"] = optimizer is not None
         meta.setdefault("picochat_version", __version__)
         meta.setdefault("tokenizer", tokenizer_reference())
+        _copy_tokenizer_into(ckpt_dir)
         atomic_write_json(meta_path(ckpt_dir, step), meta)
         if keep_last is not None and keep_last > 0:
             rotate_checkpoints(ckpt_dir, keep_last)
     barrier()
+
+def _copy_tokenizer_into(ckpt_dir: Path):
+    """A checkpoint directory carries its own tokenizer (tokenizer/), so it stays usable when the global one
+    under $PICOCHAT_HOME/tokenizer is retrained or the directory is moved to another machine."""
+    src, dst = get_base_dir() / "tokenizer", ckpt_dir / "tokenizer"
+    if (dst / "tokenizer.json").exists() or not (src / "tokenizer.json").exists():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("token_bytes.safetensors", "tokenizer.json"):  # tokenizer.json last: it marks the copy complete
+        if (src / name).exists():
+            with atomic_path(dst / name) as tmp:
+                shutil.copyfile(src / name, tmp)
+
+def checkpoint_tokenizer(ckpt_dir):
+    """The tokenizer a checkpoint was trained with: its own copy if it has one, else the global one."""
+    from picochat.tokenizer import Tokenizer, get_tokenizer
+    own = Path(ckpt_dir) / "tokenizer"
+    return Tokenizer.from_directory(own) if (own / "tokenizer.json").exists() else get_tokenizer()
 
 def _remove(path: Path):
     try:
@@ -283,20 +305,19 @@ def load_optimizer_state(ckpt_dir, step, rank) -> dict:
 def load_model_from_dir(ckpt_dir, step, device, phase="eval"):
     """(model, tokenizer, meta). The model is built for `device` in its compute dtype and loaded strictly."""
     from picochat import gpt
-    from picochat.tokenizer import get_tokenizer
     assert phase in ("eval", "train"), f"phase must be 'eval' or 'train', got {phase!r}"
     device = torch.device(device)
     state, meta = load_state(ckpt_dir, step, device)
     cfg = dict(meta["model_config"])
     cfg.setdefault("window_pattern", "L")  # very old checkpoints predate sliding windows
     config = gpt.GPTConfig.from_dict(cfg)
-    tokenizer = get_tokenizer()
+    tokenizer = checkpoint_tokenizer(ckpt_dir)
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise ValueError(f"tokenizer vocab size {tokenizer.get_vocab_size()} != checkpoint vocab size "
                          f"{config.vocab_size}; the checkpoint in {ckpt_dir} was trained with another tokenizer "
                          f"({meta.get('tokenizer')})")
     ref = meta.get("tokenizer") or {}
-    if ref.get("sha256") and ref["sha256"] != tokenizer_reference()["sha256"]:
+    if ref.get("sha256") and not (Path(ckpt_dir) / "tokenizer").exists() and ref["sha256"] != tokenizer_reference()["sha256"]:
         logger.warning(f"tokenizer.json differs from the one this checkpoint was trained with ({ref})")
     model = gpt.build_model(config, device, compute_dtype_for(device.type))
     # copy (not assign): values are cast into the parameters' own dtypes for this device

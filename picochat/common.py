@@ -25,6 +25,9 @@ def get_base_dir() -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; on success it is renamed over `path`.
@@ -37,6 +40,7 @@ def atomic_path(path):
         yield Path(tmp)
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename publishes them
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files get the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -23,8 +23,10 @@ import re
 import json
 import random
 import argparse
+import threading
 import logging
 from pathlib import Path
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from picochat.common import get_base_dir, atomic_path
@@ -236,6 +238,8 @@ def parse_api_content(content: str):
     obj = json.loads(content)
     return obj["messages"] if isinstance(obj, dict) else obj
 
+_STATS_LOCK = threading.Lock()
+
 def api_conversation(kb, args, idx, stats) -> list | None:
     import requests
     rng = random.Random(args.seed * 1_000_003 + idx)
@@ -258,10 +262,12 @@ def api_conversation(kb, args, idx, stats) -> list | None:
             reason = f"{type(e).__name__}: {e}"
         if reason is None:
             return msgs
-        stats["invalid"] += 1
+        with _STATS_LOCK:   # worker threads share the counters
+            stats["invalid"] += 1
+            stats.setdefault("reasons", []).append(reason)
         log.debug(f"conversation {idx} attempt {attempt}: {reason}")
-        stats.setdefault("reasons", []).append(reason)
-    stats["dropped"] += 1
+    with _STATS_LOCK:
+        stats["dropped"] += 1
     return None
 
 # -----------------------------------------------------------------------------
@@ -322,6 +328,8 @@ def main(argv=None):
         convs = [c for c in results if c is not None]
         print(f"API: {len(convs)}/{args.num} valid conversations; {stats['invalid']} invalid attempts, "
               f"{stats['dropped']} dropped after {args.retries + 1} attempts")
+        for reason, n in sorted(Counter(stats.get("reasons", [])).items(), key=lambda kv: -kv[1])[:5]:
+            print(f"  {n} x {reason[:160]}")
         if not convs:
             print("error: the endpoint produced no valid conversation; check --api-base/--model/--api-key "
                   "(run with a small --num to debug)")

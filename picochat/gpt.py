@@ -238,23 +238,26 @@ class _ChunkedSoftcapCE(torch.autograd.Function):
     """loss = CE(softcap(x @ W^T)[:, :V], targets), computed a block of rows at a time, with the gradients
     computed in the same pass (the backward only rescales). The (N, V) logits never exist in full: on a 2-core
     CPU that tensor (2 GB at B*T=16k, V=32k) and its elementwise passes cost ~20% of a d6 step.
-    Only for reduction mean/sum (the gradient of each row does not depend on the upstream gradient then)."""
+    Gradients only for reduction mean/sum (each row's gradient does not depend on the upstream gradient then);
+    reduction "none" is forward-only (evaluation). `need_grad` is passed in because Function.forward always
+    runs with grad mode off."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, reduction, chunk):
+    def forward(ctx, x, weight, targets, vocab_size, reduction, chunk, need_grad):
         N, V = x.size(0), vocab_size
         w = weight.to(dtype=x.dtype)
         wt = w.t()
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        assert not (need_grad and reduction == "none"), "the fused loss has no gradient for reduction='none'"
         gx = torch.empty_like(x) if need_grad else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 math (fp64 in the fp64 tests)
+        gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_grad else None
         valid = (targets != -1)
         n_valid = valid.sum()
-        row_loss = torch.empty(N, dtype=torch.float32, device=x.device)
+        row_loss = torch.empty(N, dtype=acc, device=x.device)
         # preallocated chunk buffers: fresh 16 MB allocations per op page-fault on every chunk on CPU
         mm_buf = torch.empty(chunk, weight.size(0), dtype=x.dtype, device=x.device)
-        z_buf = torch.empty(chunk, V, dtype=torch.float32, device=x.device)
-        e_buf = torch.empty(chunk, V, dtype=torch.float32, device=x.device)
+        z_buf = torch.empty(chunk, V, dtype=acc, device=x.device)
+        e_buf = torch.empty(chunk, V, dtype=acc, device=x.device)
         xs = x * (1.0 / SOFTCAP)  # fold the softcap's 1/15 into the (small) input instead of the logits
         for s in range(0, N, chunk):
             n = min(chunk, N - s)
@@ -278,9 +281,12 @@ class _ChunkedSoftcapCE(torch.autograd.Function):
                     g = F.pad(g, (0, weight.size(0) - V))
                 g = g.to(x.dtype)
                 torch.mm(g, w, out=gx[s:s + n])
-                gw.addmm_(g.t().float(), x[s:s + n].float())  # no-op casts in fp32
-        total = (row_loss * valid).sum()
-        scale = 1.0 / n_valid.clamp(min=1) if reduction == "mean" else torch.ones((), device=x.device)
+                gw.addmm_(g.t().to(acc), x[s:s + n].to(acc))  # no-op casts in fp32
+        row_loss.mul_(valid)  # ignored positions contribute 0 (as F.cross_entropy)
+        if reduction == "none":
+            return row_loss
+        total = row_loss.sum()
+        scale = (1.0 / n_valid.clamp(min=1).to(acc)) if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
         if reduction == "mean":
             # all-ignored batches give NaN, like F.cross_entropy (pitfall 5: callers must guard)
             loss = torch.where(n_valid > 0, total * scale, torch.full_like(total, float("nan")))
@@ -294,7 +300,7 @@ class _ChunkedSoftcapCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         gx, gw, scale = ctx.saved_tensors
         s = grad_loss * scale
-        return (gx * s.to(gx.dtype), (gw * s).to(gw.dtype), None, None, None, None)
+        return (gx * s.to(gx.dtype), (gw * s).to(gw.dtype), None, None, None, None, None)
 
 FUSED_LOSS = "auto"  # "auto" = on CPU; True / False to force (tests compare both)
 FUSED_LOSS_CHUNK = 128
@@ -405,10 +411,11 @@ class GPT(nn.Module):
         x = norm(x - self.backout_lambda.to(x.dtype) * x_backout)
 
         V = self.config.vocab_size
-        if targets is not None and loss_reduction in ("mean", "sum") and self._use_fused(x):
+        if targets is not None and self._use_fused(x, loss_reduction):
             return _ChunkedSoftcapCE.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                           V, loss_reduction, FUSED_LOSS_CHUNK)
-        logits = self.lm_head(x)[..., :V].float()    # slice off the vocab padding; fp32 before the softcap
+                                           V, loss_reduction, FUSED_LOSS_CHUNK, torch.is_grad_enabled())
+        logits = self.lm_head(x)[..., :V]  # slice off the vocab padding
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= fp32 before the softcap
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
@@ -416,9 +423,11 @@ class GPT(nn.Module):
             raise ValueError(f"loss_reduction must be mean, sum or none, got {loss_reduction!r}")
         return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
 
-    def _use_fused(self, x) -> bool:
+    def _use_fused(self, x, reduction) -> bool:
+        if reduction not in ("mean", "sum", "none") or (reduction == "none" and torch.is_grad_enabled()):
+            return False  # bad values get the plain path's error; per-token losses with grad (RL) too
         if FUSED_LOSS == "auto":
-            return x.device.type == "cpu" and torch.is_grad_enabled()
+            return x.device.type == "cpu"
         return bool(FUSED_LOSS)
 
     # -- optimizer -------------------------------------------------------------

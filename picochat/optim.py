@@ -31,7 +31,14 @@ passes the model's compute dtype). With compute_dtype=None the cast happens only
 Hyperparameters (lr, betas, eps, weight_decay, momentum, beta2) are read from the group dicts at every
 step, so schedules just assign group["lr"] etc. They are configuration, not state: shard_state_dict() does
 not save them. The fused updates are torch.compile'd on CUDA only (hyperparameters passed as 0-D CPU tensors
-so schedule changes do not recompile); on CPU they run eagerly so the first step is instant.
+so schedule changes do not recompile); on CPU they run eagerly so the first step is instant, and fp32 AdamW
+params use torch's fused CPU AdamW kernel (same formula, one pass, ~20x faster than eager ops).
+Missing grads (p.grad None) count as zero so every rank runs the same collectives.
+
+Collectives: torch 2.13's gloo has ReduceOp.AVG, reduce_scatter_tensor and all_gather_into_tensor; for
+backends that lack them the helpers fall back to SUM-then-divide, all_reduce-then-slice and list all_gather
+(same math, same sharded state layout). The Muon all-gather writes into the stacked-grad buffer, and the AdamW
+all-gather is in place (the input is this rank's slice of the param), as the reference does with NCCL.
 
 Example:
     groups = [dict(kind="adamw", params=[emb], lr=0.2, betas=(0.8, 0.995), eps=1e-10, weight_decay=0.0),
@@ -65,19 +72,24 @@ _REQUIRED_KEYS = {
 # The math. Plain functions of tensors so they can be torch.compile'd on CUDA; hyperparameters arrive as
 # Python floats (eager) or 0-D CPU tensors (compiled), and the same body works for both.
 
+def _addmm(inp, m1, m2, beta, alpha):
+    """beta*inp + alpha*(m1 @ m2) in one fused call, for single (2-D) or stacked (3-D) matrices."""
+    return (torch.addmm if inp.dim() == 2 else torch.baddbmm)(inp, m1, m2, beta=beta, alpha=alpha)
+
 def polar_express(X, ns_steps: int):
-    """Approximate the orthogonal polar factor U V^T of each matrix in X (..., rows, cols), in X's dtype."""
+    """Approximate the orthogonal polar factor U V^T of each matrix in X ((rows, cols) or (K, rows, cols)),
+    in X's dtype: X / (1.01 ||X||_F), then X <- a X + X (b A + c A^2) with A the small Gram matrix."""
     X = X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     if X.size(-2) > X.size(-1):  # tall: work with the small cols x cols Gram matrix
         for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
             A = X.mT @ X
-            B = b * A + c * (A @ A)
-            X = a * X + X @ B
+            B = _addmm(A, A, A, beta=b, alpha=c)
+            X = _addmm(X, X, B, beta=a, alpha=1.0)
     else:
         for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
             A = X @ X.mT
-            B = b * A + c * (A @ A)
-            X = a * X + B @ X
+            B = _addmm(A, A, A, beta=b, alpha=c)
+            X = _addmm(X, B, X, beta=a, alpha=1.0)
     return X
 
 def adamw_update(p, g, exp_avg, exp_avg_sq, lr, wd, beta1, beta2, eps, step_size, bias2_sqrt):
@@ -92,6 +104,13 @@ def adamw_update(p, g, exp_avg, exp_avg_sq, lr, wd, beta1, beta2, eps, step_size
     work.sub_((exp_avg / denom) * step_size)
     if work is not p:
         p.copy_(work)
+
+def _cpu_fused_adamw_ok(p, g):
+    # torch's fused CPU AdamW kernel: one vectorised pass instead of ~10 eager ones (~20x faster on CPU), and
+    # the same formula (decoupled WD, step lr/(1-b1^t), denom sqrt(v)/sqrt(1-b2^t) + eps). It keeps state in the
+    # param dtype, so low-precision params take the eager fp32 path instead.
+    return (p.device.type == "cpu" and hasattr(torch, "_fused_adamw_") and p.dtype in (torch.float32, torch.float64)
+            and g.dtype == p.dtype and p.is_contiguous() and g.is_contiguous())
 
 def muon_update(g, p, momentum_buffer, second_momentum_buffer, momentum, lr, wd, beta2,
                 ns_steps: int, cast_bf16: bool):
@@ -139,9 +158,11 @@ def _fused(fn, device):
 # Collectives with fallbacks. torch 2.13's gloo supports ReduceOp.AVG, reduce_scatter_tensor and
 # all_gather_into_tensor (checked), but older gloo builds lack AVG and the *_tensor collectives, so each helper
 # tries the native call and, if the backend refuses it, does the same math another way (SUM then divide;
-# all_reduce then slice; list all_gather). FORCE_COLLECTIVE_FALLBACK lets the tests exercise the fallbacks.
+# all_reduce then slice; list all_gather). REFUSE_NATIVE lets the tests exercise the fallbacks: it names the
+# native ops to treat as unsupported ("all_reduce_avg", "reduce_scatter_avg", "reduce_scatter_sum",
+# "all_gather_single").
 
-FORCE_COLLECTIVE_FALLBACK = False
+REFUSE_NATIVE = frozenset()
 _native_ok = {}  # (backend, op name) -> False once the backend refused it
 
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
@@ -161,7 +182,7 @@ class _Pending:
 def _try_native(name, fn):
     """Run fn() (launching a native collective); None if this backend cannot do it (remembered)."""
     key = (dist.get_backend(), name)
-    if FORCE_COLLECTIVE_FALLBACK or _native_ok.get(key) is False or fn is None:
+    if name in REFUSE_NATIVE or _native_ok.get(key) is False or fn is None:
         return None
     try:
         return fn()
@@ -402,12 +423,18 @@ class MuonAdamW(torch.optim.Optimizer):
             t = state["step"]
             dev = p.device
             h = lambda v: self._hyper(v, dev)
-            fn = _fused(adamw_update, dev)
             sharded = self._adamw_sharded(p, world)
             n = p.size(0) // world if sharded else p.size(0)
             p_part = p[rank * n:(rank + 1) * n] if sharded else p
-            fn(p_part, g, state["exp_avg"], state["exp_avg_sq"], h(group["lr"]), h(group["weight_decay"]),
-               h(beta1), h(beta2), h(group["eps"]), h(group["lr"] / (1 - beta1 ** t)), h(math.sqrt(1 - beta2 ** t)))
+            if _cpu_fused_adamw_ok(p_part, g):
+                torch._fused_adamw_([p_part], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [],
+                                    [torch.tensor(float(t))], lr=float(group["lr"]), beta1=float(beta1),
+                                    beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+                                    eps=float(group["eps"]), amsgrad=False, maximize=False)
+            else:
+                _fused(adamw_update, dev)(p_part, g, state["exp_avg"], state["exp_avg_sq"], h(group["lr"]),
+                                          h(group["weight_decay"]), h(beta1), h(beta2), h(group["eps"]),
+                                          h(group["lr"] / (1 - beta1 ** t)), h(math.sqrt(1 - beta2 ** t)))
             if sharded:
                 gathers.append((all_gather_dim0(p, p_part, world), None))
 

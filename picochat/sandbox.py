@@ -15,7 +15,8 @@ What it does (layers, outermost first):
   * wall-clock timeout enforced by the parent; RLIMIT_CPU as a second stop;
   * resource limits set before the user code runs: RLIMIT_AS and RLIMIT_DATA (memory; a big
     allocation raises MemoryError -> memory_exceeded=True), RLIMIT_FSIZE (file size),
-    RLIMIT_NPROC=0 (no new processes; NOTE the kernel ignores it for root), RLIMIT_CORE=0;
+    RLIMIT_NPROC=0 (no new processes, and for a non-root user no new threads either; NOTE the kernel
+    ignores it for root), RLIMIT_CORE=0;
   * a fresh temporary working directory, removed afterwards;
   * a scrubbed environment (only PATH), stdin = /dev/null, stdout/stderr captured and capped;
   * a guard prelude: a PEP 578 audit hook (it cannot be removed from Python code) that refuses

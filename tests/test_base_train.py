@@ -153,6 +153,9 @@ def test_kill_and_resume_is_bitwise_exact_then_base_eval(tiny_home, request):
     # a different model config is refused, naming the difference
     out, rc = _train(home, "run", "--resume", "6", "--aspect-ratio", "64")
     assert rc != 0 and "n_embd: checkpoint=64 vs now=128" in out, out
+    # a fresh (non-resume) run refuses to mix with the existing run's checkpoints
+    out, rc = _train(home, "run")
+    assert rc != 0 and "already holds checkpoints" in out and "--resume auto" in out, out
 
     # 4) base-eval on a small CORE subset through the shared-data mirror (skips when absent)
     shared = request.getfixturevalue("mirror_url")

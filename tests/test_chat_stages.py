@@ -15,7 +15,7 @@ from picochat.chat_sft import SFTLoader, accumulate_gradients, lr_multiplier
 from picochat.gpt import GPTConfig, build_model
 from picochat.tasks import CustomJSON, BASELINES
 
-from test_tasks import make_tiny_mirror, SFT_ROWS
+from test_tasks import make_tiny_mirror
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -224,7 +224,7 @@ class _FakeChatAPI(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def test_gen_identity_api_path(tmp_path, picochat_home):
+def test_gen_identity_api_path(tmp_path, picochat_home, capsys):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeChatAPI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -241,6 +241,7 @@ def test_gen_identity_api_path(tmp_path, picochat_home):
     assert len(convs) == 6 and _FakeChatAPI.calls == 8
     assert all(a == "Bearer sk-test" for a in _FakeChatAPI.auth)
     assert all(c[0]["role"] == "user" for c in convs)
+    assert "6/6 valid conversations; 2 invalid attempts, 0 dropped" in capsys.readouterr().out
 
 # -----------------------------------------------------------------------------
 # Tiny end-to-end on CPU: base checkpoint -> chat-sft -> chat-rl -> chat-eval

@@ -174,3 +174,13 @@ def test_load_model_from_bf16_gpt_checkpoint_on_cpu(picochat_home, tiny_tokenize
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
+
+
+def test_find_largest_model_prefers_complete_runs(picochat_home):
+    from picochat.checkpoint import find_largest_model
+    stage = picochat_home / "checkpoints" / "base"
+    _save(stage / "d4", 2)
+    _save(stage / "d12", 2)
+    (stage / "d26").mkdir()  # a run that crashed before its first complete checkpoint
+    (stage / "d26" / "model_000010.safetensors").write_bytes(b"partial")
+    assert find_largest_model(stage) == "d12"

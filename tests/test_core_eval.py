@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import picochat.common as common
-from picochat import core_eval
 from picochat.core_eval import (render_prompts_mc, render_prompts_schema, render_prompts_lm, evaluate_task,
                                 evaluate_core, prepare_task_data, fewshot_examples, centered, tokenize_example)
 from picochat.loss_eval import evaluate_bpb
@@ -161,3 +160,32 @@ def test_bpb_by_hand():
     # counted targets: 1,2,3,3,7,1 -> 6 tokens of ln 8 nats each, 1+2+3+3+4+1 = 14 bytes; twice
     assert bpb == pytest.approx((2 * 6 * math.log(8)) / (math.log(2) * 2 * 14))
     assert evaluate_bpb(Uniform(8), [(y, torch.full_like(y, -1))], 1, token_bytes) == float("inf")
+
+
+def _dist_worker(rank, world, init_file, out_dir):
+    import os
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tok, model = CharTok(), Successor()
+        m = {"task_type": "multiple_choice", "num_fewshot": 0, "continuation_delimiter": ""}
+        acc = evaluate_task(model, tok, MC, m)
+        token_bytes = torch.tensor([0, 1, 2, 3, 1, 1, 1, 4], dtype=torch.int32)
+        # rank 0 sees the first row of the hand example, rank 1 the second
+        y = torch.tensor([[1, 2, 0, -1], [3, 3, 7, 1]])[rank:rank + 1]
+        bpb = evaluate_bpb(Uniform(8), [(y, y)], 1, token_bytes)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{acc!r} {bpb!r}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_all_reduce(tmp_path):
+    """Examples strided over 2 gloo ranks and bpb sums all-reduced: every rank gets the full-data answer."""
+    import torch.multiprocessing as mp
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        acc, bpb = map(float, (tmp_path / f"rank{r}.txt").read_text().split())
+        assert acc == pytest.approx(3 / 4)
+        assert bpb == pytest.approx(6 * math.log(8) / (math.log(2) * 14))

@@ -290,3 +290,12 @@ def test_infer_bench_random_init_json(picochat_home, capsys, one_thread):
     D = cfg["n_embd"] // cfg["n_head"]
     assert doc["kv_bytes_per_token"] == cfg["n_layer"] * 2 * cfg["n_kv_head"] * D * 4  # fp32 cache on CPU
     assert doc["peak_flops_per_sec"] > 0 and doc["prefill"]["mfu_percent"] > 0
+
+
+def test_stops_on_bos_and_assistant_end(tiny_tokenizer):
+    tok = tiny_tokenizer
+    x = tok.encode("x")[0]
+    for stop in (tok.get_bos_token_id(), tok.encode_special("<|assistant_end|>")):
+        engine = Engine(ScriptedModel([x, x, stop, x, x], tok.get_vocab_size(), x), tok)
+        cols = list(engine.generate([tok.get_bos_token_id()], max_tokens=20, temperature=0.0))
+        assert [c[0][0] for c in cols] == [x, x, stop]  # the terminal token is yielded, then generation ends

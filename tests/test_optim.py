@@ -65,6 +65,24 @@ def test_adamw_matches_torch_adamw():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         assert (a - init).abs().max() > 1e-2  # it did move
 
+@pytest.mark.parametrize("hyper", [float, lambda v: torch.tensor(float(v))], ids=["floats", "0d-tensors"])
+def test_adamw_update_function_matches_torch_adamw(hyper):
+    # The eager/compiled formula used on CUDA and for low-precision params (CPU fp32 uses torch's fused kernel);
+    # the compiled path passes hyperparameters as 0-D tensors.
+    (p,), (q,) = make_params([(30, 20)], 0), make_params([(30, 20)], 0)
+    m, v = torch.zeros(30, 20), torch.zeros(30, 20)
+    topt = torch.optim.AdamW([q], lr=1e-2, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in range(1, 11):
+            g = torch.randn(30, 20, generator=gen)
+            q.grad = g.clone()
+            topt.step()
+            optim.adamw_update(p, g, m, v, hyper(1e-2), hyper(0.1), hyper(0.8), hyper(0.95), hyper(1e-8),
+                               hyper(1e-2 / (1 - 0.8 ** t)), hyper(math.sqrt(1 - 0.95 ** t)))
+    torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v, topt.state[q]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+
 def test_adamw_bf16_param_does_fp32_math():
     (p,) = make_params([(256,)], 0, dtype=torch.bfloat16)
     q = torch.nn.Parameter(p.detach().float())  # fp32 reference, re-rounded to bf16 after every step
@@ -320,7 +338,9 @@ DIST_STEPS, DIST_RESUME_STEPS, GLOBAL_BATCH = 4, 2, 4
 
 def _dist_build():
     p = make_params(DIST_SHAPES, 11)
-    opt = MuonAdamW([adamw_group(p[:4]), muon_group(p[4:7]), muon_group(p[7:8]), muon_group(p[8:])])
+    # eps comparable to the grads makes AdamW sensitive to the grad scale, so a reduction that sums instead of
+    # averaging is caught (with a tiny eps Adam is scale-invariant and Muon normalises anyway)
+    opt = MuonAdamW([adamw_group(p[:4], eps=0.5), muon_group(p[4:7]), muon_group(p[7:8]), muon_group(p[8:])])
     return p, opt
 
 def _dist_grads(params, step, rank, world):
@@ -357,18 +377,24 @@ def _dist_scenario(rank, world, outdir, tag):
     out["resumed_exact"] = torch.tensor(int(resumed_exact))
     save_file(out, os.path.join(outdir, f"{tag}_params_rank{rank}.safetensors"))
 
+FALLBACK_SCENARIOS = {  # which native collectives to pretend the backend lacks (older gloo builds)
+    "native": (),
+    "no_avg": ("all_reduce_avg", "reduce_scatter_avg"),                        # SUM, then divide
+    "no_tensor_collectives": ("all_reduce_avg", "reduce_scatter_avg", "reduce_scatter_sum",
+                              "all_gather_single"),                             # all_reduce+slice, list all_gather
+}
+
 def _dist_worker(rank, world, port, outdir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        optim.FORCE_COLLECTIVE_FALLBACK = False
-        _dist_scenario(rank, world, outdir, "native")
-        optim.FORCE_COLLECTIVE_FALLBACK = True  # SUM+divide, all_reduce+slice, list all_gather
-        _dist_scenario(rank, world, outdir, "fallback")
+        for tag, refuse in FALLBACK_SCENARIOS.items():
+            optim.REFUSE_NATIVE = frozenset(refuse)
+            _dist_scenario(rank, world, outdir, tag)
     finally:
-        optim.FORCE_COLLECTIVE_FALLBACK = False
+        optim.REFUSE_NATIVE = frozenset()
         dist.destroy_process_group()
 
 def _free_port():
@@ -389,7 +415,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     for s in range(DIST_STEPS, DIST_STEPS + DIST_RESUME_STEPS):
         _dist_grads(p1, s, 0, 1)
         opt1.step()
-    for tag in ("native", "fallback"):
+    for tag in FALLBACK_SCENARIOS:
         r0, r1 = (load_file(str(tmp_path / f"{tag}_params_rank{r}.safetensors")) for r in range(world))
         for i in range(len(p1)):  # the all-gather leaves every rank with identical parameters
             assert torch.equal(r0[f"p{i}"], r1[f"p{i}"]), f"{tag}: ranks disagree on param {i}"

@@ -2,7 +2,6 @@
 Expected outputs come from the Engine called directly (greedy, so they are unique), never from the server."""
 import json
 import time
-import threading
 import concurrent.futures as cf
 
 import httpx

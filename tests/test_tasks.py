@@ -343,6 +343,9 @@ def test_real_mirror_sources(shared_data, mirror_url, picochat_home, monkeypatch
     aux = MMLU("all", "auxiliary_train")
     assert len(aux) > 285
     assert "auxiliary_train is not in the mirror" in loud_caplog.text
+    smol = SmolTalk("test")
+    assert len(smol) > 100
+    assert "SmolTalk is not in the mirror" in loud_caplog.text and "dolly_hhrlhf_small.jsonl" in loud_caplog.text
     # the whole HumanEval canonical set passes through our program builder (first few, to keep it quick)
     he = HumanEval()
     for i in range(3):
@@ -387,6 +390,12 @@ def test_hf_hub_source_without_mirror(tmp_path, picochat_home, monkeypatch):
         n = len(hits)
         GSM8K("main", "train")
         assert len(hits) == n   # cached: nothing fetched again
+        # the hub listing 404s -> the datasets-server listing is used instead
+        (root / "server.json").write_text(json.dumps({"parquet_files": [
+            {"config": "main", "split": "test", "url": f"{base}/files/b.parquet"},
+            {"config": "main", "split": "train", "url": f"{base}/files/a.parquet"}]}))
+        monkeypatch.setattr(tc, "HF_SERVER_API", base + "/server.json?dataset={repo}")
+        assert len(GSM8K("main", "test")) == 2
     finally:
         server.shutdown()
         server.server_close()

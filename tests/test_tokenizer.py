@@ -385,3 +385,19 @@ def test_tok_eval_runs_offline(picochat_home, tiny_tokenizer, tmp_path, capsys):
     assert rows["shard-train"]["bytes"] == len("\n".join(["some train text here"] * 3).encode())
     for r in rows.values():
         assert r["ratio"] == pytest.approx(r["bytes"] / max(1, r["tokens"]), abs=1e-3)
+
+
+def test_tok_eval_comparison_math_and_offline_baselines(tiny_tokenizer, tmp_path, monkeypatch):
+    from picochat import tok_eval
+    bytes_only = Tokenizer([bytes([i]) for i in range(256)])    # a stand-in baseline: 1 token per byte
+    texts = {"a": "hello hello hello", "b": "The quick brown fox."}
+    rows = tok_eval.evaluate({"ours": tiny_tokenizer, "gpt2": bytes_only}, texts)
+    table = {r["text"]: r for r in tok_eval.comparison_table(rows, "gpt2")}
+    for name, text in texts.items():
+        n_ours, n_base = len(tiny_tokenizer.encode(text)), len(text.encode())
+        assert table[name]["gpt2_tokens"] == n_base and table[name]["ours_tokens"] == n_ours
+        assert table[name]["rel_diff_pct"] == pytest.approx(100 * (n_base - n_ours) / n_base, abs=0.01)
+        assert table[name]["rel_diff_pct"] > 0
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    enc, why = tok_eval.load_baseline("cl100k_base")
+    assert enc is None and "not cached" in why

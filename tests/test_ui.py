@@ -40,11 +40,15 @@ class Browser:
         os.close(to_child_r)
         os.close(from_child_w)
         self.buf, self.next_id, self.session = b"", 0, None
-        # generous: a cold Chromium start on a loaded 2-core machine can take 15 s or more
-        target = self.call("Target.createTarget", {"url": "about:blank"}, timeout=120)["targetId"]
-        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        self.call("Page.enable")
-        self.call("Runtime.enable")
+        try:
+            # generous: a cold Chromium start on a loaded 2-core machine can take 15 s or more
+            target = self.call("Target.createTarget", {"url": "about:blank"}, timeout=120)["targetId"]
+            self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            self.call("Page.enable")
+            self.call("Runtime.enable")
+        except BaseException:
+            self.close()
+            raise
 
     def call(self, method, params=None, timeout=30):
         self.next_id += 1

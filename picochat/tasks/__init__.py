@@ -20,6 +20,10 @@ from picochat.tasks.customjson import CustomJSON
 
 log = logging.getLogger("picochat.tasks")
 
+__all__ = ["Task", "TaskMixture", "TaskSequence", "render_mc", "ARC", "MMLU", "GSM8K", "HumanEval", "SmolTalk",
+           "SpellingBee", "SimpleSpelling", "CustomJSON", "build_mixture", "parse_mixture", "make_task",
+           "EVAL_TASKS", "BASELINES", "DEFAULT_SFT_MIXTURE", "DEFAULT_VAL_MIXTURE"]
+
 DEFAULT_SFT_MIXTURE = "smoltalk,mmlu:3,gsm8k:4,identity:2,simplespelling,spellingbee"
 DEFAULT_VAL_MIXTURE = "smoltalk,mmlu@5200,gsm8k@420"
 
@@ -54,6 +58,9 @@ def make_task(name: str, split: str, **kw) -> Task:
     if key in ("arc-challenge", "arc_challenge"):
         return ARC("ARC-Challenge", "train" if train else "test", **kw)
     if key == "humaneval":
+        if train:
+            raise ValueError("HumanEval has only a test split; training on it would contaminate chat-eval. "
+                             "Remove it from the training mixture.")
         return HumanEval(**kw)
     if key == "identity":
         return identity_task(**kw)

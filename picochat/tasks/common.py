@@ -141,6 +141,8 @@ def validate_messages(messages, where: str):
 # Sources
 
 HF_API = "https://huggingface.co/api/datasets/{repo}/parquet/{subset}/{split}"
+# fallback listing: the datasets-server API ({"parquet_files": [{"config", "split", "url"}, ...]})
+HF_SERVER_API = "https://datasets-server.huggingface.co/parquet?dataset={repo}"
 
 def task_data_dir() -> Path:
     return get_base_dir() / "task_data"
@@ -209,8 +211,16 @@ def load_hub_rows(repo: str, subset: str, split: str) -> list:
         if not manifest.exists():
             api = HF_API.format(repo=repo, subset=subset, split=split)
             listing = d / "listing.json"
-            fetch.download(f"hf/{repo}/{subset}/{split}/listing.json", api, listing)
-            urls = json.loads(listing.read_text())
+            try:
+                fetch.download(f"hf/{repo}/{subset}/{split}/listing.json", api, listing, progress=False)
+                urls = json.loads(listing.read_text())
+            except (fetch.DownloadError, ValueError) as e:
+                log.warning(f"HF parquet listing {api} failed ({e}); trying the datasets-server API")
+                listing.unlink(missing_ok=True)
+                api = HF_SERVER_API.format(repo=repo)
+                fetch.download(f"hf/{repo}/server_listing.json", api, listing, progress=False)
+                files = json.loads(listing.read_text()).get("parquet_files", [])
+                urls = [f["url"] for f in files if f.get("config") == subset and f.get("split") == split]
             if not isinstance(urls, list) or not urls:
                 raise RuntimeError(f"HF parquet API {api} returned no files for {repo}/{subset}/{split}; "
                                    "check the dataset name or set PICOCHAT_MIRROR to a local copy")

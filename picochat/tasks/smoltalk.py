@@ -27,8 +27,9 @@ def mirror_sft_files() -> list:
     return names
 
 
-def load_mirror_conversations() -> list:
-    convs = []
+def load_mirror_conversations() -> tuple:
+    """(valid conversations, number of rows skipped as malformed)"""
+    convs, skipped = [], 0
     for name in mirror_sft_files():
         path = mirror_file(f"sft/{name}")
         for i, row in enumerate(read_jsonl(path)):
@@ -37,9 +38,10 @@ def load_mirror_conversations() -> list:
             try:
                 validate_messages(msgs, f"sft/{name} row {i}")
             except ValueError:
-                continue   # a few source rows have empty turns: they teach nothing
+                skipped += 1   # e.g. empty turns or two user turns in a row: reported, not trained on
+                continue
             convs.append(msgs)
-    return convs
+    return convs, skipped
 
 
 class SmolTalk(Task):
@@ -49,7 +51,7 @@ class SmolTalk(Task):
         assert split in ("train", "test"), f"SmolTalk split must be train|test, got {split!r}"
         self.split = split
         if have_mirror() and not mirror_has("smoltalk/train.jsonl"):
-            convs = load_mirror_conversations()
+            convs, skipped = load_mirror_conversations()
             if not convs:
                 raise RuntimeError("PICOCHAT_MIRROR has neither smoltalk/ nor any sft/*.jsonl conversations; "
                                    "unset PICOCHAT_MIRROR to download SmolTalk from Hugging Face")
@@ -58,7 +60,7 @@ class SmolTalk(Task):
             self.convs = convs[:n_test] if split == "test" else convs[n_test:]
             loud_fallback(f"SmolTalk is not in the mirror; using the mirror's sft/*.jsonl conversations "
                           f"({', '.join(mirror_sft_files())}) instead: {len(self.convs)} {split} conversations "
-                          f"(reference SmolTalk: ~460K train / ~24K test)")
+                          f"(reference SmolTalk: ~460K train / ~24K test); {skipped} malformed rows skipped")
         else:
             if have_mirror():
                 rows = read_jsonl(mirror_file(f"smoltalk/{split}.jsonl"))

@@ -1,0 +1,292 @@
+"""
+CPU settings sweep for runs/cpu.sh: which depth / vocab / sequence length / batch / warmup reaches the lowest
+val bpb when base-train gets a fixed wall-clock budget (default 15 minutes, counted from the command's start,
+start-up and evaluations included) on this machine?
+
+base-train has no wall-clock flag, so each setting first runs a short throughput probe (the same command with
+--num-iterations PROBE_STEPS): its wall time minus its training steps' time (metrics.jsonl `dt`) is the fixed
+overhead (start-up, the two val evaluations, the checkpoint save), and the median step time gives
+  num_iterations = floor((budget - overhead) / step_time).
+The probe does not count against the budget; the real run's wall time is recorded next to the budget
+(`wall_s`, `over_budget_pct`) so a bad estimate is visible. bpb is tokenizer-independent, so settings with
+different vocabularies compare directly; each vocabulary gets its own tokenizer, trained once into its own
+PICOCHAT_HOME (<work-dir>/vocab_<V>).
+
+Sweep modes: `oat` (default) varies one axis at a time around the base point (1 + sum(len(axis) - 1) runs);
+`full` runs the cartesian product. Results are JSON lines in <work-dir>/results.jsonl; settings already there
+are skipped, so an interrupted sweep continues. A human table and a final JSON line (best setting) are printed.
+
+    python bench/cpu_sweep.py --data-dir /work/shared/data/pretrain                  # default grid, 15 min each
+    python bench/cpu_sweep.py --data-dir /work/shared/data/pretrain --axes depth,total_batch
+    python bench/cpu_sweep.py --budget-s 20 --grid small --data-dir /tmp/tiny/pretrain --work-dir /tmp/sweep  # smoke
+    PICOCHAT_MIRROR=../shared/data python bench/cpu_sweep.py     # shards downloaded into <work-dir>/data
+    python bench/cpu_sweep.py --dry-run                          # print the settings and exit
+"""
+import os
+import sys
+import json
+import time
+import shutil
+import argparse
+import itertools
+import statistics
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# base point and axes of the default grid. The base point = runs/cpu.sh's provisional defaults.
+GRIDS = {
+    "default": {
+        "base": {"depth": 4, "vocab": 8192, "seq_len": 512, "total_batch": 8192, "warmup": 10,
+                 "aspect_ratio": 64, "head_dim": 64},
+        "axes": {"depth": [2, 3, 4, 6], "vocab": [4096, 8192, 16384], "seq_len": [256, 512, 1024],
+                 "total_batch": [4096, 8192, 16384, 32768], "warmup": [0, 10, 40]},
+        "device_batch": 8, "eval_tokens": 131072, "max_chars": 50_000_000, "probe_steps": 6,
+    },
+    # smoke test: seconds per run
+    "small": {
+        "base": {"depth": 1, "vocab": 512, "seq_len": 64, "total_batch": 512, "warmup": 1,
+                 "aspect_ratio": 32, "head_dim": 32},
+        "axes": {"depth": [1, 2], "vocab": [512, 768]},
+        "device_batch": 4, "eval_tokens": 1024, "max_chars": 200_000, "probe_steps": 3,
+    },
+}
+KEY_FIELDS = ["depth", "vocab", "seq_len", "total_batch", "warmup", "aspect_ratio", "head_dim"]
+
+
+def settings(grid: dict, mode: str, axes_filter=None) -> list[dict]:
+    base, axes = grid["base"], grid["axes"]
+    if axes_filter:
+        unknown = set(axes_filter) - set(axes)
+        if unknown:
+            raise SystemExit(f"error: unknown axis {sorted(unknown)}; this grid has {sorted(axes)}")
+        axes = {k: v for k, v in axes.items() if k in axes_filter}
+    out = []
+    if mode == "full":
+        names = list(axes)
+        for values in itertools.product(*(axes[n] for n in names)):
+            out.append({**base, **dict(zip(names, values))})
+    else:
+        out.append(dict(base))
+        for name, values in axes.items():
+            for v in values:
+                if v != base[name]:
+                    out.append({**base, name: v})
+    return out
+
+
+def key_of(s: dict) -> str:
+    return "_".join(f"{k}{s[k]}" for k in KEY_FIELDS)
+
+
+def tag_of(s: dict) -> str:
+    return f"sweep_d{s['depth']}_v{s['vocab']}_t{s['seq_len']}_b{s['total_batch']}_w{s['warmup']}"
+
+
+def device_batch_for(s: dict, default: int):
+    """Rows per micro-step: the grid default, lowered until it divides the total batch (None if impossible)."""
+    if s["total_batch"] % s["seq_len"]:
+        return None
+    rows = s["total_batch"] // s["seq_len"]
+    b = min(default, rows)
+    while rows % b:
+        b -= 1
+    return b
+
+# -----------------------------------------------------------------------------
+
+def run(cmd, env, log_path, timeout=None):
+    """Run a picochat command, output to a log file; returns (returncode, wall seconds)."""
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        try:
+            r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            rc = r.returncode
+        except subprocess.TimeoutExpired:
+            rc = -9
+    return rc, time.time() - t0
+
+
+def make_env(home: Path) -> dict:
+    env = dict(os.environ)
+    env["PICOCHAT_HOME"] = str(home)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return env
+
+
+def ensure_data(args, work: Path) -> Path:
+    if args.data_dir:
+        d = Path(args.data_dir)
+        if not any(d.glob("*.parquet")):
+            raise SystemExit(f"error: --data-dir {d} has no .parquet files")
+        return d
+    d = work / "data"
+    cmd = [sys.executable, "-m", "picochat", "data", "download", "-n", str(args.num_shards), "--data-dir", str(d)]
+    rc, _ = run(cmd, make_env(work / "download_home"), work / "setup.log")
+    if rc != 0:
+        raise SystemExit(f"error: data download failed (see {work / 'setup.log'}); set PICOCHAT_MIRROR or --data-dir")
+    return d
+
+
+def ensure_tokenizer(vocab: int, data_dir: Path, max_chars: int, work: Path) -> Path:
+    home = work / f"vocab_{vocab}"
+    if (home / "tokenizer" / "tokenizer.json").exists():
+        return home
+    cmd = [sys.executable, "-m", "picochat", "tok-train", "--vocab-size", str(vocab), "--max-chars", str(max_chars),
+           "--data-dir", str(data_dir)]
+    print(f"training the vocab-{vocab} tokenizer into {home} ...", flush=True)
+    rc, wall = run(cmd, make_env(home), work / "setup.log")
+    if rc != 0:
+        raise SystemExit(f"error: tok-train --vocab-size {vocab} failed (see {work / 'setup.log'})")
+    print(f"  done in {wall:.0f}s", flush=True)
+    return home
+
+
+def train_cmd(s, num_iterations, device_batch, eval_tokens, data_dir, tag):
+    return [sys.executable, "-m", "picochat", "base-train", "--device-type", "cpu",
+            "--depth", str(s["depth"]), "--aspect-ratio", str(s["aspect_ratio"]), "--head-dim", str(s["head_dim"]),
+            "--max-seq-len", str(s["seq_len"]), "--window-pattern", "L",
+            "--device-batch-size", str(device_batch), "--total-batch-size", str(s["total_batch"]),
+            "--num-iterations", str(num_iterations), "--warmup-steps", str(s["warmup"]),
+            "--eval-every", "1000000000", "--eval-tokens", str(eval_tokens),  # eval at step 0 and at the end
+            "--core-metric-every", "-1", "--sample-every", "-1", "--save-every", "-1", "--keep-last", "1",
+            "--data-dir", str(data_dir), "--model-tag", tag]
+
+
+def read_run(home: Path, tag: str) -> dict:
+    """Final figures of a finished run from its checkpoint meta and metrics.jsonl."""
+    sys.path.insert(0, str(REPO))
+    os.environ["PICOCHAT_HOME"] = str(home)
+    from picochat import checkpoint as ckpt
+    d = ckpt.checkpoint_dir("base", tag)
+    step = ckpt.find_last_step(d)
+    if step is None:
+        return {}
+    meta = ckpt.read_meta(d, step)
+    rows = ckpt.read_metrics(d)
+    dts = [r["dt"] for r in rows if r.get("dt") is not None]
+    derived = meta.get("derived", {})
+    return {"step": step, "val_bpb": meta.get("val_bpb"), "dts": dts,
+            "scaling_params": derived.get("scaling_params"), "flops_per_token": derived.get("flops_per_token"),
+            "tokens": derived.get("total_tokens")}
+
+
+def sweep_one(s, args, grid, data_dir, work) -> dict:
+    home = ensure_tokenizer(s["vocab"], data_dir, args.max_chars or grid["max_chars"], work)
+    env = make_env(home)
+    db = device_batch_for(s, grid["device_batch"])
+    rec = {"key": key_of(s), **s, "device_batch": db, "budget_s": args.budget_s}
+    if db is None:
+        return {**rec, "error": f"total_batch {s['total_batch']} is not a multiple of seq_len {s['seq_len']}"}
+    eval_tokens = args.eval_tokens or grid["eval_tokens"]
+    log = work / "logs" / f"{tag_of(s)}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # 1. throughput probe
+    k = args.probe_steps or grid["probe_steps"]
+    rc, probe_wall = run(train_cmd(s, k, db, eval_tokens, data_dir, tag_of(s) + "_probe"), env, log)
+    probe = read_run(home, tag_of(s) + "_probe") if rc == 0 else {}
+    shutil.rmtree(home / "checkpoints" / "base" / (tag_of(s) + "_probe"), ignore_errors=True)
+    if rc != 0 or not probe.get("dts"):
+        return {**rec, "error": f"probe failed (exit {rc}); see {log}"}
+    dts = probe["dts"][1:] or probe["dts"]          # the first step warms up allocators and caches
+    step_s = statistics.median(dts)
+    overhead = max(0.0, probe_wall - sum(probe["dts"]))
+    n = int((args.budget_s - overhead) // step_s)
+    rec.update(probe_wall_s=round(probe_wall, 2), step_s=round(step_s, 4), overhead_s=round(overhead, 2))
+    if n < 1:
+        n = 1
+        rec["note"] = "budget smaller than the fixed overhead: ran 1 step"
+    # 2. the budgeted run
+    rc, wall = run(train_cmd(s, n, db, eval_tokens, data_dir, tag_of(s)), env, log,
+                   timeout=max(60.0, 3 * args.budget_s))
+    res = read_run(home, tag_of(s)) if rc == 0 else {}
+    if not args.keep_checkpoints:
+        shutil.rmtree(home / "checkpoints" / "base" / tag_of(s), ignore_errors=True)
+    if rc != 0 or res.get("step") != n:
+        return {**rec, "num_iterations": n, "error": f"run failed (exit {rc}); see {log}"}
+    return {**rec, "num_iterations": n, "tokens": res["tokens"], "scaling_params": res["scaling_params"],
+            "flops_per_token": res["flops_per_token"], "val_bpb": res["val_bpb"], "wall_s": round(wall, 2),
+            "over_budget_pct": round(100 * (wall - args.budget_s) / args.budget_s, 1),
+            "tok_per_s": round(s["total_batch"] / step_s)}
+
+
+def print_table(records):
+    cols = ["depth", "vocab", "seq_len", "total_batch", "warmup", "num_iterations", "tokens", "tok_per_s",
+            "wall_s", "over_budget_pct", "val_bpb"]
+    print("\n" + " ".join(f"{c:>14}" for c in cols))
+    for r in sorted(records, key=lambda r: (r.get("val_bpb") is None, r.get("val_bpb") or 0)):
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:>14.4f}" if isinstance(v, float) and c == "val_bpb" else f"{'' if v is None else v:>14}")
+        print(" ".join(cells) + (f"  ERROR: {r['error']}" if r.get("error") else ""))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="cpu_sweep.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget-s", type=float, default=900.0, help="wall-clock budget per base-train command")
+    p.add_argument("--grid", choices=sorted(GRIDS), default="default")
+    p.add_argument("--mode", choices=["oat", "full"], default="oat", help="one axis at a time, or the full product")
+    p.add_argument("--axes", default=None, help="comma list: only sweep these axes (default: all of the grid's)")
+    p.add_argument("--work-dir", default=None, help="default $PICOCHAT_HOME/cpu_sweep (or ~/.cache/picochat/...)")
+    p.add_argument("--data-dir", default=None, help="directory of parquet shards (last = val); default: download")
+    p.add_argument("--num-shards", type=int, default=4, help="train shards to download without --data-dir")
+    p.add_argument("--max-chars", type=int, default=None, help="tokenizer training chars (default: the grid's)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="val tokens per evaluation (default: the grid's)")
+    p.add_argument("--probe-steps", type=int, default=None)
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+
+    grid = GRIDS[args.grid]
+    todo = settings(grid, args.mode, args.axes.split(",") if args.axes else None)
+    if args.dry_run:
+        for s in todo:
+            print(json.dumps(s))
+        print(json.dumps({"settings": len(todo), "budget_s": args.budget_s,
+                          "estimated_hours": round(len(todo) * args.budget_s * 1.3 / 3600, 2)}))
+        return 0
+    default_home = Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat"))
+    work = Path(args.work_dir) if args.work_dir else default_home / "cpu_sweep"
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = work / "results.jsonl"
+    done = {}
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if not r.get("error") and r.get("budget_s") == args.budget_s:
+                    done[r["key"]] = r
+    data_dir = ensure_data(args, work)
+    print(f"cpu sweep: {len(todo)} settings x {args.budget_s:.0f}s budget, {os.cpu_count()} CPUs, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', os.cpu_count())}, data {data_dir}, work {work}",
+          flush=True)
+    records = []
+    for i, s in enumerate(todo):
+        if key_of(s) in done:
+            print(f"[{i + 1}/{len(todo)}] {key_of(s)}: already in {results_path}, skipping", flush=True)
+            records.append(done[key_of(s)])
+            continue
+        print(f"[{i + 1}/{len(todo)}] {key_of(s)} ...", flush=True)
+        rec = sweep_one(s, args, grid, data_dir, work)
+        rec["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        with open(results_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"  -> {'ERROR ' + rec['error'] if rec.get('error') else 'val bpb %.4f in %d steps, %.0fs wall' % (rec['val_bpb'], rec['num_iterations'], rec['wall_s'])}",
+              flush=True)
+        records.append(rec)
+    print_table(records)
+    ok = [r for r in records if r.get("val_bpb") is not None]
+    best = min(ok, key=lambda r: r["val_bpb"]) if ok else None
+    print(json.dumps({"results": str(results_path), "settings": len(records), "failed": len(records) - len(ok),
+                      "budget_s": args.budget_s, "best": best}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

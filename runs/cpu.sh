@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# The CPU demo: the whole pipeline on a laptop or a small CPU box, in about 30 minutes on 2 cores.
+#   data -> tokenizer -> pretraining -> base eval (bpb + a CORE subset) -> SFT -> chat eval -> report
+#
+#   PICOCHAT_MIRROR=../shared/data bash runs/cpu.sh     # offline, from a local mirror (or an http(s) URL)
+#   bash runs/cpu.sh                                    # downloads ClimbMix shards and the eval data
+#   DEPTH=6 BASE_ITERS=2000 bash runs/cpu.sh            # any size knob below is an environment variable
+#
+# Re-running it continues where it stopped: finished stages are skipped (tokenizer present, final
+# checkpoint present, eval result file present) and an interrupted base-train / chat-sft resumes from its
+# last complete checkpoint (--resume auto). FORCE_TOK=1 retrains the tokenizer (use a fresh PICOCHAT_HOME:
+# old checkpoints do not fit a new tokenizer). Artifacts go to $PICOCHAT_HOME (default ~/.cache/picochat).
+#
+# Why these settings: on 2 CPU cores every FLOP counts, so the GPU recipe (vocab 32768, d20+, seq 2048,
+# 0.5M-token batches, 40 warmup steps) would spend the whole budget on a handful of steps. A small vocab
+# (the embedding/unembedding dominate a tiny model's FLOPs), a shallow model, short sequences, full-length
+# attention (window pattern L: sliding windows save nothing at T=512) and small batches give many more
+# optimizer steps, which is what a tiny budget needs.
+# PROVISIONAL: the defaults below are educated guesses; the final values come from the measured sweep
+# (bench/cpu_sweep.py, results recorded in dev/BENCH.md) and must be updated from it.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PICOCHAT_HOME="${PICOCHAT_HOME:-$HOME/.cache/picochat}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 2)}"   # one intra-op thread per core
+export PYTHONUNBUFFERED=1
+if [[ -n "${PICOCHAT_MIRROR:-}" && -d "$PICOCHAT_MIRROR" ]]; then   # a relative mirror dir -> absolute
+    export PICOCHAT_MIRROR="$(cd "$PICOCHAT_MIRROR" && pwd)"
+fi
+PYTHON="${PYTHON:-python}"
+WANDB_RUN="${WANDB_RUN:-dummy}"
+
+# --- size knobs (environment variables; provisional defaults pending the sweep) ----------------
+NUM_SHARDS="${NUM_SHARDS:-4}"                # train shards to download (+ the validation shard)
+VOCAB_SIZE="${VOCAB_SIZE:-8192}"             # tokenizer vocab, including the 9 special tokens
+MAX_CHARS="${MAX_CHARS:-50000000}"           # characters the tokenizer trains on
+FORCE_TOK="${FORCE_TOK:-0}"                  # 1 = retrain the tokenizer even if one exists
+DEPTH="${DEPTH:-4}"                          # transformer layers; width = DEPTH*ASPECT_RATIO
+ASPECT_RATIO="${ASPECT_RATIO:-64}"
+HEAD_DIM="${HEAD_DIM:-64}"
+SEQ_LEN="${SEQ_LEN:-512}"
+WINDOW_PATTERN="${WINDOW_PATTERN:-L}"
+DEVICE_BATCH="${DEVICE_BATCH:-8}"            # rows per forward/backward
+TOTAL_BATCH="${TOTAL_BATCH:-8192}"           # tokens per optimizer step (multiple of DEVICE_BATCH*SEQ_LEN)
+BASE_ITERS="${BASE_ITERS:-600}"              # pretraining optimizer steps
+WARMUP_STEPS="${WARMUP_STEPS:-10}"
+BASE_EVAL_EVERY="${BASE_EVAL_EVERY:-100}"    # val bpb interval during pretraining
+BASE_EVAL_TOKENS="${BASE_EVAL_TOKENS:-131072}"
+SAMPLE_EVERY="${SAMPLE_EVERY:--1}"           # base-eval prints samples at the end anyway
+SAVE_EVERY="${SAVE_EVERY:-100}"              # intermediate checkpoints, so an interrupted run resumes
+KEEP_LAST="${KEEP_LAST:-2}"
+EVAL_BATCH="${EVAL_BATCH:-$DEVICE_BATCH}"    # base-eval batch (bpb rows, CORE examples)
+SPLIT_TOKENS="${SPLIT_TOKENS:-262144}"       # tokens per split for base-eval bpb
+CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-50}" # CORE subset: items per task (partial CORE, says so)
+CORE_TASKS="${CORE_TASKS:-}"                 # comma list of CORE labels (empty = all in core.yaml)
+IDENTITY_NUM="${IDENTITY_NUM:-1000}"         # synthetic identity conversations for SFT
+SFT_ITERS="${SFT_ITERS:-300}"
+SFT_MIXTURE="${SFT_MIXTURE:-}"               # empty = chat-sft's default mixture
+SFT_VAL_MIXTURE="${SFT_VAL_MIXTURE:-}"
+SFT_EVAL_EVERY="${SFT_EVAL_EVERY:-100}"
+SFT_EVAL_TOKENS="${SFT_EVAL_TOKENS:-65536}"
+CHAT_EVAL_TASKS="${CHAT_EVAL_TASKS:-}"       # '|'-separated (empty = all chat tasks)
+CHAT_EVAL_MAX="${CHAT_EVAL_MAX:-50}"         # problems per task
+CHAT_EVAL_MAX_TOKENS="${CHAT_EVAL_MAX_TOKENS:-128}"   # new tokens per generative answer
+
+# -----------------------------------------------------------------------------------------------
+picochat() { "$PYTHON" -m picochat "$@"; }
+T_START=$(date +%s)
+now() { date +%s.%N; }
+run_stage() {   # run_stage NAME command...   (prints the stage's elapsed time)
+    local name="$1"; shift
+    echo "[cpu.sh] $name: starting: $*"
+    local t0; t0=$(now)
+    "$@"
+    echo "[cpu.sh] $name: done in $(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')s"
+}
+skip_stage() { echo "[cpu.sh] $1: skipped ($2)"; }
+step6() { printf "%06d" "$1"; }
+
+TAG="d$DEPTH"
+BASE_CKPT="$PICOCHAT_HOME/checkpoints/base/$TAG"
+SFT_CKPT="$PICOCHAT_HOME/checkpoints/sft/$TAG"
+echo "[cpu.sh] PICOCHAT_HOME=$PICOCHAT_HOME PICOCHAT_MIRROR=${PICOCHAT_MIRROR:-(none: public URLs)} threads=$OMP_NUM_THREADS"
+echo "[cpu.sh] $TAG vocab=$VOCAB_SIZE seq=$SEQ_LEN batch=$DEVICE_BATCH/$TOTAL_BATCH base_iters=$BASE_ITERS sft_iters=$SFT_ITERS"
+
+# a new run starts a new report card; a re-run keeps the sections of the stages it skips
+if [[ ! -f "$PICOCHAT_HOME/report/environment.json" ]]; then
+    run_stage report-reset picochat report reset
+fi
+
+# --- data ---------------------------------------------------------------------------------------
+# (the download itself skips shards that are already present and valid)
+run_stage data picochat data download -n "$NUM_SHARDS"
+
+# --- tokenizer ----------------------------------------------------------------------------------
+if [[ -f "$PICOCHAT_HOME/tokenizer/tokenizer.json" && "$FORCE_TOK" != 1 ]]; then
+    have_vocab=$("$PYTHON" -c "from picochat.tokenizer import get_tokenizer; print(get_tokenizer().get_vocab_size())")
+    if [[ "$have_vocab" != "$VOCAB_SIZE" ]]; then
+        echo "[cpu.sh] error: $PICOCHAT_HOME/tokenizer has vocab $have_vocab but VOCAB_SIZE=$VOCAB_SIZE." >&2
+        echo "[cpu.sh] Use VOCAB_SIZE=$have_vocab, or FORCE_TOK=1 with a fresh PICOCHAT_HOME." >&2
+        exit 1
+    fi
+    skip_stage tok-train "tokenizer exists, vocab $have_vocab; FORCE_TOK=1 retrains"
+else
+    run_stage tok-train picochat tok-train --max-chars "$MAX_CHARS" --vocab-size "$VOCAB_SIZE"
+    rm -f "$PICOCHAT_HOME/report/tokenizer-evaluation.json"   # a new tokenizer needs a new evaluation
+fi
+if [[ -f "$PICOCHAT_HOME/report/tokenizer-evaluation.json" ]]; then
+    skip_stage tok-eval "report/tokenizer-evaluation.json exists"
+else
+    run_stage tok-eval picochat tok-eval
+fi
+
+# --- pretraining --------------------------------------------------------------------------------
+if [[ -f "$BASE_CKPT/meta_$(step6 "$BASE_ITERS").json" ]]; then
+    skip_stage base-train "final checkpoint $BASE_CKPT step $BASE_ITERS exists"
+else
+    run_stage base-train picochat base-train --run "$WANDB_RUN" --device-type cpu \
+        --depth "$DEPTH" --aspect-ratio "$ASPECT_RATIO" --head-dim "$HEAD_DIM" --max-seq-len "$SEQ_LEN" \
+        --window-pattern "$WINDOW_PATTERN" --device-batch-size "$DEVICE_BATCH" --total-batch-size "$TOTAL_BATCH" \
+        --num-iterations "$BASE_ITERS" --warmup-steps "$WARMUP_STEPS" \
+        --eval-every "$BASE_EVAL_EVERY" --eval-tokens "$BASE_EVAL_TOKENS" --core-metric-every -1 \
+        --sample-every "$SAMPLE_EVERY" --save-every "$SAVE_EVERY" --keep-last "$KEEP_LAST" \
+        --model-tag "$TAG" --resume auto
+fi
+if [[ -f "$PICOCHAT_HOME/base_eval/${TAG}_$(step6 "$BASE_ITERS").csv" ]]; then
+    skip_stage base-eval "base_eval/${TAG}_$(step6 "$BASE_ITERS").csv exists"
+else
+    run_stage base-eval picochat base-eval --device-type cpu --model-tag "$TAG" --eval core,bpb,sample \
+        --device-batch-size "$EVAL_BATCH" --split-tokens "$SPLIT_TOKENS" --max-per-task "$CORE_MAX_PER_TASK" \
+        ${CORE_TASKS:+--tasks "$CORE_TASKS"}
+fi
+
+# --- chat ---------------------------------------------------------------------------------------
+if [[ -f "$PICOCHAT_HOME/identity_conversations.jsonl" ]]; then
+    skip_stage gen-identity "identity_conversations.jsonl exists"
+else
+    run_stage gen-identity picochat gen-identity --num "$IDENTITY_NUM"
+fi
+if [[ "$SFT_ITERS" -gt 0 && -f "$SFT_CKPT/meta_$(step6 "$SFT_ITERS").json" ]]; then
+    skip_stage chat-sft "final checkpoint $SFT_CKPT step $SFT_ITERS exists"
+else
+    run_stage chat-sft picochat chat-sft --run "$WANDB_RUN" --device-type cpu --model-tag "$TAG" \
+        --num-iterations "$SFT_ITERS" --max-seq-len "$SEQ_LEN" --device-batch-size "$DEVICE_BATCH" \
+        --total-batch-size "$TOTAL_BATCH" --eval-every "$SFT_EVAL_EVERY" --eval-tokens "$SFT_EVAL_TOKENS" \
+        --chatcore-every -1 --save-every "$SAVE_EVERY" --keep-last "$KEEP_LAST" \
+        ${SFT_MIXTURE:+--mixture "$SFT_MIXTURE"} ${SFT_VAL_MIXTURE:+--val-mixture "$SFT_VAL_MIXTURE"} \
+        --resume auto
+fi
+SFT_STEP="$SFT_ITERS"
+if [[ "$SFT_STEP" -le 0 ]]; then   # one epoch: the step is whatever the last checkpoint says
+    SFT_STEP=$("$PYTHON" -c "from picochat import checkpoint as c; print(c.find_last_step('$SFT_CKPT'))")
+fi
+if [[ -f "$PICOCHAT_HOME/chat_eval/sft_${TAG}_${SFT_STEP}.json" ]]; then
+    skip_stage chat-eval "chat_eval/sft_${TAG}_${SFT_STEP}.json exists"
+else
+    run_stage chat-eval picochat chat-eval -i sft --device-type cpu -g "$TAG" -x "$CHAT_EVAL_MAX" \
+        -m "$CHAT_EVAL_MAX_TOKENS" -b "$EVAL_BATCH" ${CHAT_EVAL_TASKS:+-a "$CHAT_EVAL_TASKS"}
+fi
+
+# --- report -------------------------------------------------------------------------------------
+run_stage report picochat report
+T_END=$(date +%s)
+echo "[cpu.sh] all stages finished in $(( (T_END - T_START) / 60 ))m$(( (T_END - T_START) % 60 ))s"
+echo "[cpu.sh] report card: $PICOCHAT_HOME/report/report.md (copied to ./report.md)"
+echo "Talk to it:   PICOCHAT_HOME=$PICOCHAT_HOME picochat chat -i sft --device-type cpu"
+echo "  one-shot:   PICOCHAT_HOME=$PICOCHAT_HOME picochat chat -i sft -p \"Why is the sky blue?\""
+echo "  web UI:     PICOCHAT_HOME=$PICOCHAT_HOME picochat serve   (then open http://127.0.0.1:8000)"
