@@ -18,7 +18,6 @@ Example:
 """
 import os
 import math
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +29,25 @@ OVERRIDE = None  # None = auto; "sdpa" or "fa3" forces a backend (tests, debuggi
 # -----------------------------------------------------------------------------
 # FA3 loading (lazy, cached). Nothing is compiled at install time: the HF kernel hub ships prebuilt binaries.
 
-_FA3_ERROR = None  # why FA3 is unavailable, for the message
+_FA3_ERROR = None    # why FA3 is unavailable, for the message
+_FA3_LOADED = False  # plain globals, not lru_cache: torch.compile traces the (cached) lookups cleanly
+_FA3 = None
 
-@functools.lru_cache(maxsize=1)
 def _load_fa3():
-    """Return the FA3 interface module or None (reason kept in _FA3_ERROR)."""
+    """The FA3 interface module or None (reason kept in _FA3_ERROR). Loaded once; call prepare() before
+    torch.compile so the download/load never happens inside a trace."""
+    global _FA3, _FA3_LOADED
+    if not _FA3_LOADED:
+        _FA3 = _load_fa3_uncached()
+        _FA3_LOADED = True
+    return _FA3
+
+def prepare(device_type: str):
+    """Resolve the backend eagerly (GPT.init_weights calls this)."""
+    if device_type == "cuda":
+        _load_fa3()
+
+def _load_fa3_uncached():
     global _FA3_ERROR
     if not torch.cuda.is_available():
         _FA3_ERROR = "no CUDA device"
@@ -81,8 +94,12 @@ def backend_name(dtype: torch.dtype = torch.bfloat16, device_type: str = None) -
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     return "fa3" if use_fa3(dtype, device_type) else "sdpa"
 
-@functools.lru_cache(maxsize=1)
+_WARNED_MASKS = False
+
+@torch.compiler.disable
 def _warn_window_masks():
+    global _WARNED_MASKS
+    _WARNED_MASKS = True
     logger.warning("!" * 80 + "\nSDPA has no native sliding window: building explicit attention masks for the short-window "
                    "layers. This is slower; use --window-pattern L when FA3 is unavailable (CPU, MPS, fp16/fp32).\n"
                    + "!" * 80)
@@ -117,7 +134,8 @@ def _sdpa(q, k, v, window: int, scale=None):
         k, v = k[:, :, -(window + 1):], v[:, :, -(window + 1):]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=False, scale=scale, enable_gqa=gqa)
     else:
-        _warn_window_masks()
+        if not _WARNED_MASKS:
+            _warn_window_masks()
         # keys before (first query - window) are invisible to every query: drop them
         start = max(0, first_query_pos - window)
         k, v = k[:, :, start:], v[:, :, start:]

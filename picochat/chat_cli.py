@@ -17,24 +17,7 @@ import argparse
 
 import torch
 
-from picochat.common import compute_init, get_base_dir
-
-SOURCES_BY_PREFERENCE = ("rl", "sft", "base")
-
-def pick_source(model_tag=None) -> str:
-    """The most finished stage with a complete checkpoint (rl > sft > base)."""
-    from picochat.checkpoint import find_last_step, find_largest_model
-    for source in SOURCES_BY_PREFERENCE:
-        stage_dir = get_base_dir() / "checkpoints" / source
-        try:
-            tag = model_tag or find_largest_model(stage_dir)
-        except FileNotFoundError:
-            continue
-        if find_last_step(stage_dir / tag) is not None:
-            return source
-    raise FileNotFoundError(f"no complete checkpoint under {get_base_dir() / 'checkpoints'} (looked in "
-                            f"{', '.join(SOURCES_BY_PREFERENCE)}); train one first (picochat base-train / chat-sft), "
-                            f"or set PICOCHAT_HOME to where your checkpoints are")
+from picochat.common import compute_init
 
 def tokens_to_parts(tokens, tokenizer) -> list:
     """An assistant reply's tokens -> message content parts (text / python / python_output), so the next
@@ -56,8 +39,9 @@ def tokens_to_parts(tokens, tokenizer) -> list:
     flush()
     return parts
 
-def stream_reply(engine, tokenizer, prompt, args, out=sys.stdout) -> list:
+def stream_reply(engine, tokenizer, prompt, args, out=None) -> list:
     """Generate one sample, printing text as soon as it is complete UTF-8; returns the reply tokens."""
+    out = out or sys.stdout  # looked up per call: a default bound at import time goes stale when stdout is swapped
     from picochat.engine import TextStreamer
     streamer = TextStreamer(tokenizer)
     terminal = {engine.assistant_end, engine.bos}
@@ -77,7 +61,7 @@ def stream_reply(engine, tokenizer, prompt, args, out=sys.stdout) -> list:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="picochat chat", description="Chat with a picochat model in the terminal")
-    parser.add_argument("-i", "--source", choices=SOURCES_BY_PREFERENCE, default=None,
+    parser.add_argument("-i", "--source", choices=("rl", "sft", "base"), default=None,
                         help="checkpoint stage (default: the latest available, rl > sft > base)")
     parser.add_argument("-g", "--model-tag", default=None, help="model tag, e.g. d12 (default: the largest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last complete)")
@@ -94,11 +78,11 @@ def main(argv=None):
     if args.max_tokens < 1:
         parser.error("--max-tokens must be >= 1")
 
-    from picochat.checkpoint import load_model
+    from picochat.checkpoint import latest_source, load_model
     from picochat.engine import Engine
     rt = compute_init(args.device_type)
     try:
-        source = args.source or pick_source(args.model_tag)
+        source = args.source or latest_source(args.model_tag)
         model, tokenizer, meta = load_model(source, rt.device, phase="eval", model_tag=args.model_tag, step=args.step)
     except FileNotFoundError as e:
         print(f"picochat chat: {e}", file=sys.stderr)

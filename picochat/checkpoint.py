@@ -64,13 +64,30 @@ def find_largest_model(stage_dir) -> str:
     stage_dir = Path(stage_dir)
     tags = [p for p in stage_dir.iterdir() if p.is_dir()] if stage_dir.is_dir() else []
     if not tags:
-        raise FileNotFoundError(f"no checkpoints under {stage_dir}; train a model first (picochat base-train)")
+        hint = {"base": "picochat base-train", "sft": "picochat chat-sft", "rl": "picochat chat-rl"}.get(stage_dir.name, "a training stage")
+        raise FileNotFoundError(f"no checkpoints under {stage_dir}; train a model first ({hint})")
     # a crashed run without any complete checkpoint should not shadow a usable one
     tags = [p for p in tags if find_last_step(p) is not None] or tags
     depths = [(int(m.group(1)), p.name) for p in tags if (m := re.fullmatch(r"d(\d+)", p.name))]
     if depths:
         return max(depths)[1]
     return max(tags, key=lambda p: p.stat().st_mtime).name
+
+SOURCES_BY_PREFERENCE = ("rl", "sft", "base")
+
+def latest_source(model_tag=None) -> str:
+    """The most finished stage with a complete checkpoint (rl > sft > base): what chat/serve/export load by default."""
+    for source in SOURCES_BY_PREFERENCE:
+        stage_dir = get_base_dir() / "checkpoints" / source
+        try:
+            tag = model_tag or find_largest_model(stage_dir)
+        except FileNotFoundError:
+            continue
+        if find_last_step(stage_dir / tag) is not None:
+            return source
+    raise FileNotFoundError(f"no complete checkpoint under {get_base_dir() / 'checkpoints'} (looked in "
+                            f"{', '.join(SOURCES_BY_PREFERENCE)}); train one first (picochat base-train / chat-sft), "
+                            f"or set PICOCHAT_HOME to where your checkpoints are")
 
 # -----------------------------------------------------------------------------
 # Validation (used by find_last_step): cheap, never loads tensor data.

@@ -157,9 +157,8 @@ def main(argv=None):
     parser.add_argument("-s", "--step", type=int, default=None)
     args = parser.parse_args(argv)
     import torch
-    from picochat.checkpoint import load_model
-    from picochat.chat_cli import pick_source
-    source = args.source or pick_source(args.model_tag)
+    from picochat.checkpoint import latest_source, load_model
+    source = args.source or latest_source(args.model_tag)
     model, tokenizer, meta = load_model(source, torch.device("cpu"), phase="eval", model_tag=args.model_tag, step=args.step)
     out = export_hf(model, tokenizer, args.out_dir, meta)
     print0(f"Exported {source} checkpoint (step {meta.get('step')}) to {out}")

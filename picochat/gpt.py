@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from picochat.attention import attention, attention_with_kvcache
+from picochat.attention import attention, attention_with_kvcache, prepare as prepare_attention
 
 ROPE_THETA = 100_000
 QK_SCALE = 1.2
@@ -370,6 +370,7 @@ class GPT(nn.Module):
         self.backout_lambda.fill_(0.2)
         nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
         self.cos, self.sin = self._rotary(self.transformer.wte.weight.device)
+        prepare_attention(self.transformer.wte.weight.device.type)  # load FA3 now, never inside a compile trace
 
     def get_device(self):
         return self.transformer.wte.weight.device

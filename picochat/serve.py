@@ -636,20 +636,6 @@ class ServerThread:
         self.thread.join(timeout=10)
         self.sock.close()
 
-def _pick_source(model_tag):
-    """The most-trained stage with a checkpoint: rl, then sft, then base."""
-    from picochat.common import get_base_dir
-    from picochat.checkpoint import find_last_step
-    root = get_base_dir() / "checkpoints"
-    for stage in ("rl", "sft", "base"):
-        d = root / stage
-        tags = [d / model_tag] if model_tag else (sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else [])
-        if any(t.is_dir() and find_last_step(t) is not None for t in tags):
-            return stage
-    raise SystemExit(f"no checkpoint found under {root} (looked for rl, sft, base"
-                     f"{', tag ' + model_tag if model_tag else ''}); train one first (picochat base-train / "
-                     "chat-sft) or set PICOCHAT_HOME")
-
 def load_workers(source, device_type, num_workers, model_tag=None, step=None):
     """One replica per device: cuda:0..N-1 on CUDA, a single one on CPU/MPS."""
     import torch
@@ -699,10 +685,13 @@ def main(argv=None):
         p.error("--num-workers must be at least 1")
     if not 0 <= args.temperature <= 2 or not 0 <= args.top_k <= 200 or not 1 <= args.max_tokens <= args.max_tokens_limit:
         p.error("defaults out of range: -t in [0, 2], -k in [0, 200], -m in [1, --max-tokens-limit]")
-    source = args.source or _pick_source(args.model_tag)
-    workers, meta = load_workers(source, device_type, num_workers, args.model_tag, args.step)
-    from picochat.checkpoint import find_largest_model
+    from picochat.checkpoint import find_largest_model, latest_source
     from picochat.common import get_base_dir
+    try:
+        source = args.source or latest_source(args.model_tag)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
+    workers, meta = load_workers(source, device_type, num_workers, args.model_tag, args.step)
     tag = args.model_tag or find_largest_model(get_base_dir() / "checkpoints" / source)
     model_name = f"picochat-{source}-{tag}"   # e.g. picochat-sft-d20
     limits = Limits(max_messages=args.max_messages, max_message_chars=args.max_message_chars,

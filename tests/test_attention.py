@@ -93,7 +93,7 @@ def test_backward_matches_naive():
 def test_window_mask_warning_once(monkeypatch):
     calls = []
     monkeypatch.setattr(A.logger, "warning", lambda msg, *a: calls.append(msg))
-    A._warn_window_masks.cache_clear()
+    monkeypatch.setattr(A, "_WARNED_MASKS", False)
     q, k, v = qkv(T=16)
     A.attention(q, k, v, 100)  # full window: no mask, no warning
     assert calls == []

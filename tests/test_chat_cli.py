@@ -37,7 +37,7 @@ def _run(args, home, stdin=None):
 
 
 def test_pick_source_prefers_latest_stage(tiny_home, tiny_tokenizer):
-    from picochat.chat_cli import pick_source
+    from picochat.checkpoint import latest_source as pick_source
     assert pick_source() == "sft"
     _save_tiny(tiny_home, tiny_tokenizer, "rl")
     assert pick_source() == "rl"

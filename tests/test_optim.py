@@ -404,7 +404,13 @@ def _free_port():
 
 def test_two_process_gloo_matches_single_process(tmp_path):
     world = 2
-    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    for attempt in range(3):  # the free port can be taken by another process between probe and bind: retry
+        try:
+            mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+            break
+        except mp.ProcessRaisedException as e:
+            if "address already in use" not in str(e).lower() or attempt == 2:
+                raise
     # single process, full global batch
     p1, opt1 = _dist_build()
     for s in range(DIST_STEPS):

@@ -415,7 +415,8 @@ def test_serve_loads_a_checkpoint(picochat_home, tiny_tokenizer, monkeypatch):
     tiny_tokenizer.save(picochat_home / "tokenizer")
     model = build_tiny_model(tiny_tokenizer)
     save_checkpoint(checkpoint_dir("sft", "d2"), 7, model, None, {"model_config": model.config.to_dict()})
-    assert serve._pick_source(None) == "sft"
+    from picochat.checkpoint import latest_source
+    assert latest_source(None) == "sft"
     workers, meta = serve.load_workers("sft", "cpu", num_workers=1)
     assert meta["step"] == 7 and len(workers) == 1
     # main() wires flags to create_app and uvicorn.run; capture instead of listening
@@ -430,8 +431,8 @@ def test_serve_loads_a_checkpoint(picochat_home, tiny_tokenizer, monkeypatch):
 
 def test_serve_without_checkpoints_says_what_to_do(picochat_home):
     from picochat import serve
-    with pytest.raises(SystemExit, match="no checkpoint found"):
-        serve._pick_source(None)
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        serve_main(["--device-type", "cpu"])
 
 class BrokenEngine(SlowEngine):
     """Fails after two tokens, like a device error mid-generation."""
