@@ -175,16 +175,12 @@ def main(argv=None):
         samples = sample_prompts(model, tokenizer)
         for s in samples:
             print0(f"  {s!r}")
-        try:
-            from picochat.engine import Engine
-            bos = tokenizer.get_bos_token_id()
-            results, _ = Engine(model, tokenizer).generate_batch([bos], num_samples=8, max_tokens=128,
-                                                                 temperature=1.0)
-            print0("unconditioned samples (temperature 1.0, 128 tokens):")
-            for r in results:
-                print0(f"  {tokenizer.decode(r)!r}")
-        except ImportError:
-            pass
+        from picochat.engine import Engine
+        bos = tokenizer.get_bos_token_id()
+        results, _ = Engine(model, tokenizer).generate_batch([bos], num_samples=8, max_tokens=128, temperature=1.0)
+        print0("unconditioned samples (temperature 1.0, 128 tokens):")
+        for r in results:
+            print0(f"  {tokenizer.decode(r)!r}")
         section["samples"] = samples
 
     if "bpb" in evals:
@@ -219,11 +215,8 @@ def main(argv=None):
                         "results": out["results"], "centered_results": out["centered_results"]})
 
     if rt.master:
-        try:
-            from picochat import report
-            report.log_section("base-evaluation", section)
-        except ImportError:
-            warn0("picochat.report is not available; the base-evaluation report section was not written")
+        from picochat import report
+        report.log_section("base-evaluation", section)
     compute_cleanup()
     return 0
 

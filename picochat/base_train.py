@@ -209,22 +209,15 @@ def _fault_hook(step, phase):
 
 
 def sample_prompts(model, tokenizer, max_tokens=16):
-    """Greedy completions of the reference prompts (Engine when available, else the naive generate)."""
+    """Greedy completions of the reference prompts."""
+    from picochat.engine import Engine
+    engine = Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
     out = []
-    try:
-        from picochat.engine import Engine
-        engine = Engine(model, tokenizer)
-    except ImportError:
-        engine = None
     for prompt in SAMPLE_PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=bos)
-        if engine is not None:
-            results, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0)
-            text = tokenizer.decode(results[0])
-        else:
-            text = tokenizer.decode(tokens + list(model.generate(tokens, max_tokens, temperature=0)))
-        out.append(text)
+        results, _ = engine.generate_batch(tokenizer.encode(prompt, prepend=bos), num_samples=1,
+                                           max_tokens=max_tokens, temperature=0)
+        out.append(tokenizer.decode(results[0]))
     return out
 
 
@@ -303,6 +296,10 @@ def main(argv=None):
         resume_step = ckpt.find_last_step(ckpt_dir)
         print0(f"--resume auto: {'resuming from step ' + str(resume_step) if resume_step is not None else 'no complete checkpoint in ' + str(ckpt_dir) + ', starting fresh'}")
     meta = None
+    if resume_step is not None and resume_step >= num_iterations:
+        print0(f"{ckpt_dir} already holds the final checkpoint (step {resume_step} of {num_iterations}): nothing to do")
+        compute_cleanup()
+        return 0
     if resume_step is not None:
         state, meta = ckpt.load_state(ckpt_dir, resume_step, device)
         ckpt.check_resume_compat(meta, config.to_dict(), rt.world_size)
@@ -542,11 +539,8 @@ def main(argv=None):
             "device": device_name(device_type), "world_size": rt.world_size,
             "compute_dtype": str(dtype).removeprefix("torch."),
         }
-        try:
-            from picochat import report
-            report.log_section("base-training", section)
-        except ImportError:
-            warn0("picochat.report is not available; the base-training report section was not written")
+        from picochat import report
+        report.log_section("base-training", section)
     wandb_run.finish()
     compute_cleanup()
     return 0

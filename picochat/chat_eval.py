@@ -24,7 +24,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from picochat.common import compute_init, compute_cleanup, print0, get_base_dir, atomic_write_json, logger
+from picochat.common import compute_init, compute_cleanup, print0, get_base_dir, atomic_write_json
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 
@@ -205,12 +205,9 @@ def main(argv=None):
         path = get_base_dir() / "chat_eval" / f"{args.source}_{tag}_{step}.json"
         atomic_write_json(path, out)
         print0(f"wrote {path}")
-        try:
-            from picochat import report
-            report.log_section(f"chat-evaluation-{args.source}",
-                               {"args": vars(args), "model_tag": tag, "step": step, **results, "ChatCORE": core})
-        except ImportError:
-            logger.warning("picochat.report not available; report section not written")
+        from picochat import report
+        report.log_section(f"chat-evaluation-{args.source}",
+                           {"args": vars(args), "model_tag": tag, "step": step, **results, "ChatCORE": core})
     compute_cleanup()
     return 0
 

@@ -22,7 +22,7 @@ import itertools
 import torch
 import torch.distributed as dist
 
-from picochat.common import compute_init, compute_cleanup, print0, init_wandb, logger
+from picochat.common import compute_init, compute_cleanup, print0, init_wandb
 
 
 def _all_reduce(t, op=None):
@@ -208,12 +208,9 @@ def main(argv=None):
             checkpoint.append_metrics(out_dir, row)
 
     if master:
-        try:
-            from picochat import report
-            report.log_section("chat-rl", {"config": vars(args), "model_tag": tag, "iterations": num_steps,
-                                           "world_size": rt.world_size, "final_mean_reward": mean_reward, **passk})
-        except ImportError:
-            logger.warning("picochat.report not available; report section not written")
+        from picochat import report
+        report.log_section("chat-rl", {"config": vars(args), "model_tag": tag, "iterations": num_steps,
+                                       "world_size": rt.world_size, "final_mean_reward": mean_reward, **passk})
     wandb_run.finish()
     compute_cleanup()
     return 0

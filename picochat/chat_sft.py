@@ -414,18 +414,15 @@ def main(argv=None):
     print0(f"peak memory {max_memory_allocated(rt.device_type) / 1024**2:.1f} MiB | min val bpb "
            f"{loop['min_val_bpb']} | training time {loop['train_time']:.1f}s")
     if master:
-        try:
-            from picochat import report
-            report.log_section("chat-sft", {"config": vars(args), "base_model_tag": tag, "base_step": base_step,
-                                            "iterations": step, "world_size": rt.world_size, "max_seq_len": T,
-                                            "device_batch_size": B, "total_batch_size": total_batch,
-                                            "min_val_bpb": loop["min_val_bpb"], "final_val_bpb": val_bpb,
-                                            "skipped_steps": loop["skipped_steps"],
-                                            "empty_micro_batches": loop["empty_micro_batches"],
-                                            "truncated_conversations": loader.truncated,
-                                            "chatcore": chatcore_results, "training_time_s": loop["train_time"]})
-        except ImportError:
-            logger.warning("picochat.report not available; report section not written")
+        from picochat import report
+        report.log_section("chat-sft", {"config": vars(args), "model_tag": tag, "base_model_tag": tag, "base_step": base_step,
+                                        "iterations": step, "world_size": rt.world_size, "max_seq_len": T,
+                                        "device_batch_size": B, "total_batch_size": total_batch,
+                                        "min_val_bpb": loop["min_val_bpb"], "final_val_bpb": val_bpb,
+                                        "skipped_steps": loop["skipped_steps"],
+                                        "empty_micro_batches": loop["empty_micro_batches"],
+                                        "truncated_conversations": loader.truncated,
+                                        "chatcore": chatcore_results, "training_time_s": loop["train_time"]})
     wandb_run.finish()
     compute_cleanup()
     return 0

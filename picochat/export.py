@@ -16,7 +16,6 @@ tokenizer_config.json with the chat template). The HF tokenizer reproduces ours 
 the tiktoken ranks become BPE merges, the split regex becomes a Split pre-tokenizer.
 """
 import argparse
-import json
 import shutil
 from pathlib import Path
 

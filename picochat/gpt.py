@@ -99,8 +99,32 @@ def has_ve(layer_idx: int, n_layer: int) -> bool:
 # -----------------------------------------------------------------------------
 # Building blocks
 
+class _RMSNormCPU(torch.autograd.Function):
+    """Parameter-free RMSNorm with a hand-written backward in 3 passes. On CPU torch's rms_norm backward is
+    composite (~8 elementwise passes plus temporaries): measured ~4x slower, ~10% of a d6 training step."""
+
+    @staticmethod
+    def forward(ctx, x):
+        C = x.size(-1)
+        eps = torch.finfo(x.dtype).eps  # F.rms_norm's default
+        sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(sq.square_().div_(C).add_(eps)).to(x.dtype)
+        y = x * rstd
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, rstd = ctx.saved_tensors
+        # dx = rstd * (g - y * mean(g * y))
+        m = torch.linalg.vecdot(g, y, dim=-1).unsqueeze(-1).div_(y.size(-1))
+        return torch.addcmul(g, y, m, value=-1.0).mul_(rstd)
+
 def norm(x):
-    return F.rms_norm(x, (x.size(-1),))  # parameter-free
+    """Parameter-free RMSNorm over the last dim (default eps)."""
+    if x.device.type == "cpu":
+        return _RMSNormCPU.apply(x)
+    return F.rms_norm(x, (x.size(-1),))
 
 class Linear(nn.Linear):
     """Bias-free Linear with an fp32 master weight cast to the activation dtype (explicit precision)."""

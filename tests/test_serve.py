@@ -430,7 +430,6 @@ def test_serve_loads_a_checkpoint(picochat_home, tiny_tokenizer, monkeypatch):
         assert c.post("/v1/chat/completions", json={"messages": many}).status_code == 400
 
 def test_serve_without_checkpoints_says_what_to_do(picochat_home):
-    from picochat import serve
     with pytest.raises(SystemExit, match="no complete checkpoint"):
         serve_main(["--device-type", "cpu"])
 
