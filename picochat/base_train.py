@@ -37,10 +37,11 @@ import torch.distributed as dist
 from picochat import __version__
 from picochat.common import (compute_init, compute_cleanup, print0, warn0, synchronize,
                              get_peak_flops, measure_cpu_matmul_peak, device_name, format_mfu, init_wandb,
-                             max_memory_allocated, barrier)
+                             max_memory_allocated, barrier, process_start_time)
 from picochat import checkpoint as ckpt
 
 B_REF = 2 ** 19          # reference total batch size (tokens) at the d12 reference
+BUDGET_PROBE_STEPS = 10  # --max-time-s: steps timed before the horizon is fixed
 REF_DEPTH = 12           # all hyperparameter transfer is relative to d12
 BATCH_EXPONENT = 0.383   # Power Lines: B_opt ~ D^0.383
 SAMPLE_PROMPTS = [
@@ -72,6 +73,9 @@ def build_parser():
     a("--window-pattern", default="SSSL")
     # horizon (precedence: num-iterations > target-flops > target-param-data-ratio)
     a("--num-iterations", type=int, default=-1)
+    a("--max-time-s", type=float, default=-1.0,
+      help="wall-clock budget of the whole command (start-up, evals and the final save included): the horizon is "
+           f"set after the first {BUDGET_PROBE_STEPS} steps from their measured speed (overrides the other horizons)")
     a("--target-flops", type=float, default=-1.0)
     a("--target-param-data-ratio", type=float, default=12.0)
     # batch
@@ -221,6 +225,15 @@ def sample_prompts(model, tokenizer, max_tokens=16):
     return out
 
 
+def horizon_for_budget(budget_s, elapsed_s, step, step_s, eval_s, eval_every):
+    """Iterations that fit the wall-clock budget: the steps done so far plus as many more as the time left
+    allows, counting the periodic val evals (and the final one) at their measured cost. 2% is kept in reserve
+    for the final save and noise."""
+    left = 0.98 * budget_s - elapsed_s - eval_s  # the final evaluation always runs
+    per_step = step_s + (eval_s / eval_every if eval_every > 0 else 0.0)
+    return step + max(1, int(left / per_step))
+
+
 def print_table(rows):
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -258,7 +271,7 @@ def main(argv=None):
 
     rt = compute_init(args.device_type, seed=args.seed)
     device, device_type, dtype, master = rt.device, rt.device_type, rt.dtype, rt.master
-    t_start = time.time()
+    t_start = process_start_time()  # a --max-time-s budget counts start-up too: that is what a user waits for
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     if args.fp8 and args.fp8_recipe != "tensorwise":
         raise ValueError("--fp8-recipe rowwise is not implemented; use tensorwise")
@@ -296,7 +309,13 @@ def main(argv=None):
         resume_step = ckpt.find_last_step(ckpt_dir)
         print0(f"--resume auto: {'resuming from step ' + str(resume_step) if resume_step is not None else 'no complete checkpoint in ' + str(ckpt_dir) + ', starting fresh'}")
     meta = None
-    if resume_step is not None and resume_step >= num_iterations:
+    budget_pending = args.max_time_s > 0  # the horizon is fixed after the first steps (below)
+    if resume_step is not None:
+        resumed_meta = ckpt.read_meta(ckpt_dir, resume_step)
+        if args.max_time_s > 0 and not resumed_meta.get("budget_pending", False):
+            num_iterations = resumed_meta["num_iterations"]  # a budgeted run continues to the horizon it chose
+            budget_pending = False
+    if resume_step is not None and not budget_pending and resume_step >= num_iterations:
         print0(f"{ckpt_dir} already holds the final checkpoint (step {resume_step} of {num_iterations}): nothing to do")
         compute_cleanup()
         return 0
@@ -385,6 +404,13 @@ def main(argv=None):
     mfu = None
     row = {}
     timed_steps_this_run, timed_time_this_run = 0, 0.0  # for the mean MFU of the report
+    probe_dts, eval_cost = [], 0.0  # --max-time-s: measured step and val-eval times
+    probe_end = step + BUDGET_PROBE_STEPS
+    if budget_pending:
+        num_iterations = 10 ** 9  # provisional: warmup / constant LR until the horizon is fixed at probe_end
+        if args.core_metric_every > 0 or args.sample_every > 0:
+            warn0("--max-time-s budgets training and val evals only; CORE and sampling time is not counted "
+                  "(set --core-metric-every -1 --sample-every -1 to stay inside the budget)")
 
     while True:
         last_step = step == num_iterations
@@ -392,11 +418,13 @@ def main(argv=None):
         # -- evaluation (not timed) --
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             train_model.eval()
+            t_eval = time.time()
             val_loader = pretrain_batches(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
                                           data_dir=args.data_dir)
             with _fp8_eval_context(orig_model, use_fp8):
                 val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
             del val_loader
+            eval_cost = time.time() - t_eval
             train_model.train()
             min_val_bpb = min(min_val_bpb, val_bpb)
             row["val_bpb"] = val_bpb
@@ -428,7 +456,7 @@ def main(argv=None):
                 "model_config": config.to_dict(),
                 "user_config": vars(args),
                 "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-                "total_batch_size": total_batch, "num_iterations": num_iterations,
+                "total_batch_size": total_batch, "num_iterations": num_iterations, "budget_pending": budget_pending,
                 "compute_dtype": str(dtype).removeprefix("torch."),
                 "derived": {k: v for k, v in d.items() if k != "params"},
                 # every rank's loader state (a state restored from a checkpoint is already in gathered form)
@@ -480,6 +508,18 @@ def main(argv=None):
         train_loss = (loss_sum / grad_accum).item()  # .item() syncs
         synchronize(device_type)
         dt = time.time() - t0
+
+        # -- --max-time-s: fix the horizon once the first steps have been timed --
+        probe_dts.append(dt)
+        if budget_pending and step + 1 >= probe_end:
+            step_s = sorted(probe_dts[1:])[len(probe_dts[1:]) // 2]  # median, without the warm-up step
+            num_iterations = horizon_for_budget(args.max_time_s, time.time() - t_start, step + 1, step_s,
+                                                eval_cost, args.eval_every)
+            budget_pending = False
+            d.update(num_iterations=num_iterations, horizon="--max-time-s", total_tokens=total_batch * num_iterations,
+                     total_flops=d["flops_per_token"] * total_batch * num_iterations)
+            print0(f"--max-time-s {args.max_time_s:.0f}: {step_s * 1000:.1f} ms/step, val eval {eval_cost:.1f}s, "
+                   f"{time.time() - t_start:.1f}s spent -> horizon {num_iterations:,} iterations")
 
         # -- GC: freeze what exists after the first step, then collect rarely (avoids ~500 ms pauses) --
         if first_step_of_process:

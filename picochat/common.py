@@ -170,6 +170,18 @@ def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
+def process_start_time() -> float:
+    """Wall-clock time this process started (Linux: from /proc, so interpreter and torch start-up count too);
+    elsewhere the time this module was imported, which is close."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        btime = next(int(l.split()[1]) for l in open("/proc/stat") if l.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORT_TIME
+
+_IMPORT_TIME = __import__("time").time()
+
 def synchronize(device_type: str):
     if device_type == "cuda":
         torch.cuda.synchronize()
