@@ -38,21 +38,23 @@ REPO = Path(__file__).resolve().parents[1]
 # base point and axes of the default grid. The base point = runs/cpu.sh's provisional defaults.
 GRIDS = {
     "default": {
-        "base": {"depth": 4, "vocab": 8192, "seq_len": 512, "total_batch": 8192, "warmup": 10,
+        "base": {"depth": 3, "vocab": 4096, "seq_len": 256, "total_batch": 4096, "warmup": 10, "lr_mult": 1.0,
                  "aspect_ratio": 64, "head_dim": 64},
-        "axes": {"depth": [2, 3, 4, 6], "vocab": [4096, 8192, 16384], "seq_len": [256, 512, 1024],
-                 "total_batch": [4096, 8192, 16384, 32768], "warmup": [0, 10, 40]},
-        "device_batch": 8, "eval_tokens": 131072, "max_chars": 50_000_000, "probe_steps": 6,
+        "axes": {"depth": [2, 3, 4, 6], "vocab": [2048, 4096, 8192], "seq_len": [128, 256, 512],
+                 "total_batch": [2048, 4096, 8192, 16384], "warmup": [0, 10, 40], "lr_mult": [0.5, 1.0, 2.0, 4.0]},
+        "device_batch": 16, "eval_tokens": 65536, "max_chars": 50_000_000, "probe_steps": 6,
     },
     # smoke test: seconds per run
     "small": {
-        "base": {"depth": 1, "vocab": 512, "seq_len": 64, "total_batch": 512, "warmup": 1,
+        "base": {"depth": 1, "vocab": 512, "seq_len": 64, "total_batch": 512, "warmup": 1, "lr_mult": 1.0,
                  "aspect_ratio": 32, "head_dim": 32},
         "axes": {"depth": [1, 2], "vocab": [512, 768]},
         "device_batch": 4, "eval_tokens": 1024, "max_chars": 200_000, "probe_steps": 3,
     },
 }
-KEY_FIELDS = ["depth", "vocab", "seq_len", "total_batch", "warmup", "aspect_ratio", "head_dim"]
+# base-train's default LRs (before its sqrt(B/B_ref) batch scaling); lr_mult multiplies all four
+BASE_LRS = {"embedding-lr": 0.3, "unembedding-lr": 0.008, "matrix-lr": 0.02, "scalar-lr": 0.5}
+KEY_FIELDS = ["depth", "vocab", "seq_len", "total_batch", "warmup", "lr_mult", "aspect_ratio", "head_dim"]
 
 
 def settings(grid: dict, mode: str, axes_filter=None) -> list[dict]:
@@ -81,7 +83,7 @@ def key_of(s: dict) -> str:
 
 
 def tag_of(s: dict) -> str:
-    return f"sweep_d{s['depth']}_v{s['vocab']}_t{s['seq_len']}_b{s['total_batch']}_w{s['warmup']}"
+    return f"sweep_d{s['depth']}_v{s['vocab']}_t{s['seq_len']}_b{s['total_batch']}_w{s['warmup']}_lr{s['lr_mult']:g}"
 
 
 def device_batch_for(s: dict, default: int):
@@ -154,7 +156,8 @@ def train_cmd(s, num_iterations, device_batch, eval_tokens, data_dir, tag):
             "--num-iterations", str(num_iterations), "--warmup-steps", str(s["warmup"]),
             "--eval-every", "1000000000", "--eval-tokens", str(eval_tokens),  # eval at step 0 and at the end
             "--core-metric-every", "-1", "--sample-every", "-1", "--save-every", "-1", "--keep-last", "1",
-            "--data-dir", str(data_dir), "--model-tag", tag]
+            "--data-dir", str(data_dir), "--model-tag", tag] + \
+        [a for name, lr in BASE_LRS.items() for a in (f"--{name}", f"{lr * s['lr_mult']:g}")]
 
 
 def read_run(home: Path, tag: str) -> dict:
@@ -215,7 +218,7 @@ def sweep_one(s, args, grid, data_dir, work) -> dict:
 
 
 def print_table(records):
-    cols = ["depth", "vocab", "seq_len", "total_batch", "warmup", "num_iterations", "tokens", "tok_per_s",
+    cols = ["depth", "vocab", "seq_len", "total_batch", "warmup", "lr_mult", "num_iterations", "tokens", "tok_per_s",
             "wall_s", "over_budget_pct", "val_bpb"]
     print("\n" + " ".join(f"{c:>14}" for c in cols))
     for r in sorted(records, key=lambda r: (r.get("val_bpb") is None, r.get("val_bpb") or 0)):

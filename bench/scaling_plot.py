@@ -19,7 +19,6 @@ its two neighbours (the isoFLOP method, Chinchilla approach 2). A least-squares 
 human table and in the final JSON line.
 N = params_transformer + params_lm_head (the scaling-params count base-train uses for its horizon).
 """
-import os
 import sys
 import csv
 import json

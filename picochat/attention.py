@@ -2,8 +2,8 @@
 Attention backends: Flash Attention 3 on Hopper (and Ampere/Ada where the hub kernel loads), PyTorch SDPA
 everywhere else. Two entry points, both taking the (B, T, H, D) layout the model uses:
 
-    attention(q, k, v, window)                                   # training / full forward, causal
-    attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, window)
+    attention(q, k, v, window, scale=None)                       # training / full forward, causal
+    attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, window, pos=None, scale=None)
                                                                 # inference: writes k, v into the cache in place
 
 `window` is the number of PREVIOUS keys a query may see (the query itself is always seen), i.e. FA3's
@@ -44,8 +44,9 @@ def _load_fa3():
 
 def prepare(device_type: str):
     """Resolve the backend eagerly (GPT.init_weights calls this)."""
-    if device_type == "cuda":
-        _load_fa3()
+    if device_type == "cuda" and _requested() != "sdpa" and _load_fa3() is None:
+        logger.warning(f"Flash Attention 3 unavailable ({_FA3_ERROR}); using PyTorch SDPA. "
+                       "Sliding windows then need explicit masks: prefer --window-pattern L.")
 
 def _load_fa3_uncached():
     global _FA3_ERROR

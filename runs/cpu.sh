@@ -14,10 +14,16 @@
 # Why these settings: on 2 CPU cores every FLOP counts, so the GPU recipe (vocab 32768, d20+, seq 2048,
 # 0.5M-token batches, 40 warmup steps) would spend the whole budget on a handful of steps. A small vocab
 # (the embedding/unembedding dominate a tiny model's FLOPs), a shallow model, short sequences, full-length
-# attention (window pattern L: sliding windows save nothing at T=512) and small batches give many more
+# attention (window pattern L: SDPA on CPU has no native sliding window, masks would cost more) and small batches give many more
 # optimizer steps, which is what a tiny budget needs.
-# PROVISIONAL: the defaults below are educated guesses; the final values come from the measured sweep
-# (bench/cpu_sweep.py, results recorded in dev/BENCH.md) and must be updated from it.
+# Rough budget (2 cores, measured on a busy machine, so approximate): d3 / vocab 4096 / seq 256 trains at
+# ~6K tok/s, so 1000 steps of 4096 tokens ~ 12 min; base-eval ~4 min; SFT 300 steps ~4 min; the rest ~3 min.
+# At ~1e13 FLOPs the compute-optimal model is tiny (~1M scaling params), hence d3 (width 192).
+# PROVISIONAL: these defaults are educated guesses; the final values come from the measured sweep
+# (bench/cpu_sweep.py: val bpb reached in 15 min vs depth/vocab/seq/batch/warmup/LR, recorded in
+# dev/BENCH.md) and must be updated from it.
+# A re-run with different knobs in the same PICOCHAT_HOME keeps the old report sections: use a fresh
+# PICOCHAT_HOME (or `picochat report reset`) for a new run.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,36 +39,37 @@ WANDB_RUN="${WANDB_RUN:-dummy}"
 
 # --- size knobs (environment variables; provisional defaults pending the sweep) ----------------
 NUM_SHARDS="${NUM_SHARDS:-4}"                # train shards to download (+ the validation shard)
-VOCAB_SIZE="${VOCAB_SIZE:-8192}"             # tokenizer vocab, including the 9 special tokens
+VOCAB_SIZE="${VOCAB_SIZE:-4096}"             # tokenizer vocab, including the 9 special tokens
 MAX_CHARS="${MAX_CHARS:-50000000}"           # characters the tokenizer trains on
 FORCE_TOK="${FORCE_TOK:-0}"                  # 1 = retrain the tokenizer even if one exists
-DEPTH="${DEPTH:-4}"                          # transformer layers; width = DEPTH*ASPECT_RATIO
+DEPTH="${DEPTH:-3}"                          # transformer layers; width = DEPTH*ASPECT_RATIO
 ASPECT_RATIO="${ASPECT_RATIO:-64}"
 HEAD_DIM="${HEAD_DIM:-64}"
-SEQ_LEN="${SEQ_LEN:-512}"
+SEQ_LEN="${SEQ_LEN:-256}"
 WINDOW_PATTERN="${WINDOW_PATTERN:-L}"
-DEVICE_BATCH="${DEVICE_BATCH:-8}"            # rows per forward/backward
-TOTAL_BATCH="${TOTAL_BATCH:-8192}"           # tokens per optimizer step (multiple of DEVICE_BATCH*SEQ_LEN)
-BASE_ITERS="${BASE_ITERS:-600}"              # pretraining optimizer steps
+DEVICE_BATCH="${DEVICE_BATCH:-16}"           # rows per forward/backward
+TOTAL_BATCH="${TOTAL_BATCH:-4096}"          # tokens per optimizer step (multiple of DEVICE_BATCH*SEQ_LEN)
+BASE_ITERS="${BASE_ITERS:-1000}"             # pretraining optimizer steps
 WARMUP_STEPS="${WARMUP_STEPS:-10}"
-BASE_EVAL_EVERY="${BASE_EVAL_EVERY:-100}"    # val bpb interval during pretraining
-BASE_EVAL_TOKENS="${BASE_EVAL_TOKENS:-131072}"
+LR_MULT="${LR_MULT:-1}"                      # multiplies base-train's default LRs (before its batch scaling)
+BASE_EVAL_EVERY="${BASE_EVAL_EVERY:-200}"    # val bpb interval during pretraining
+BASE_EVAL_TOKENS="${BASE_EVAL_TOKENS:-65536}"
 SAMPLE_EVERY="${SAMPLE_EVERY:--1}"           # base-eval prints samples at the end anyway
-SAVE_EVERY="${SAVE_EVERY:-100}"              # intermediate checkpoints, so an interrupted run resumes
+SAVE_EVERY="${SAVE_EVERY:-200}"              # intermediate checkpoints, so an interrupted run resumes
 KEEP_LAST="${KEEP_LAST:-2}"
 EVAL_BATCH="${EVAL_BATCH:-$DEVICE_BATCH}"    # base-eval batch (bpb rows, CORE examples)
-SPLIT_TOKENS="${SPLIT_TOKENS:-262144}"       # tokens per split for base-eval bpb
-CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-50}" # CORE subset: items per task (partial CORE, says so)
+SPLIT_TOKENS="${SPLIT_TOKENS:-131072}"       # tokens per split for base-eval bpb
+CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-16}" # CORE subset: items per task (partial CORE, says so)
 CORE_TASKS="${CORE_TASKS:-}"                 # comma list of CORE labels (empty = all in core.yaml)
 IDENTITY_NUM="${IDENTITY_NUM:-1000}"         # synthetic identity conversations for SFT
 SFT_ITERS="${SFT_ITERS:-300}"
 SFT_MIXTURE="${SFT_MIXTURE:-}"               # empty = chat-sft's default mixture
 SFT_VAL_MIXTURE="${SFT_VAL_MIXTURE:-}"
 SFT_EVAL_EVERY="${SFT_EVAL_EVERY:-100}"
-SFT_EVAL_TOKENS="${SFT_EVAL_TOKENS:-65536}"
+SFT_EVAL_TOKENS="${SFT_EVAL_TOKENS:-32768}"
 CHAT_EVAL_TASKS="${CHAT_EVAL_TASKS:-}"       # '|'-separated (empty = all chat tasks)
 CHAT_EVAL_MAX="${CHAT_EVAL_MAX:-50}"         # problems per task
-CHAT_EVAL_MAX_TOKENS="${CHAT_EVAL_MAX_TOKENS:-128}"   # new tokens per generative answer
+CHAT_EVAL_MAX_TOKENS="${CHAT_EVAL_MAX_TOKENS:-64}"   # new tokens per generative answer
 
 # -----------------------------------------------------------------------------------------------
 picochat() { "$PYTHON" -m picochat "$@"; }
@@ -77,6 +84,11 @@ run_stage() {   # run_stage NAME command...   (prints the stage's elapsed time)
 }
 skip_stage() { echo "[cpu.sh] $1: skipped ($2)"; }
 step6() { printf "%06d" "$1"; }
+lr() { awk -v a="$1" -v m="$LR_MULT" 'BEGIN{printf "%g", a*m}'; }
+# SFT inherits the base run's RAW LRs (its sqrt(B/2^19) batch scaling is not re-applied); at 2^19 tokens
+# raw = effective, but at a CPU batch the raw LRs would be ~10x the ones base-train actually used, so SFT
+# gets the effective base LRs explicitly.
+sft_lr() { awk -v a="$1" -v m="$LR_MULT" -v b="$TOTAL_BATCH" 'BEGIN{printf "%g", a*m*sqrt(b/524288)}'; }
 
 TAG="d$DEPTH"
 BASE_CKPT="$PICOCHAT_HOME/checkpoints/base/$TAG"
@@ -120,6 +132,7 @@ else
         --depth "$DEPTH" --aspect-ratio "$ASPECT_RATIO" --head-dim "$HEAD_DIM" --max-seq-len "$SEQ_LEN" \
         --window-pattern "$WINDOW_PATTERN" --device-batch-size "$DEVICE_BATCH" --total-batch-size "$TOTAL_BATCH" \
         --num-iterations "$BASE_ITERS" --warmup-steps "$WARMUP_STEPS" \
+        --embedding-lr "$(lr 0.3)" --unembedding-lr "$(lr 0.008)" --matrix-lr "$(lr 0.02)" --scalar-lr "$(lr 0.5)" \
         --eval-every "$BASE_EVAL_EVERY" --eval-tokens "$BASE_EVAL_TOKENS" --core-metric-every -1 \
         --sample-every "$SAMPLE_EVERY" --save-every "$SAVE_EVERY" --keep-last "$KEEP_LAST" \
         --model-tag "$TAG" --resume auto
@@ -145,6 +158,7 @@ else
         --num-iterations "$SFT_ITERS" --max-seq-len "$SEQ_LEN" --device-batch-size "$DEVICE_BATCH" \
         --total-batch-size "$TOTAL_BATCH" --eval-every "$SFT_EVAL_EVERY" --eval-tokens "$SFT_EVAL_TOKENS" \
         --chatcore-every -1 --save-every "$SAVE_EVERY" --keep-last "$KEEP_LAST" \
+        --embedding-lr "$(sft_lr 0.3)" --unembedding-lr "$(sft_lr 0.008)" --matrix-lr "$(sft_lr 0.02)" \
         ${SFT_MIXTURE:+--mixture "$SFT_MIXTURE"} ${SFT_VAL_MIXTURE:+--val-mixture "$SFT_VAL_MIXTURE"} \
         --resume auto
 fi

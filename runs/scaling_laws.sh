@@ -9,7 +9,7 @@
 #   NPROC=1 FLOPS_BUDGETS="1e17" DEPTHS="8 10" bash runs/scaling_laws.sh
 #   SKIP_SETUP=1 LABEL=test bash runs/scaling_laws.sh        # data and tokenizer already there
 # Tiny (CPU) sizes, e.g. for a smoke test:
-#   SKIP_SETUP=1 NPROC=1 FLOPS_BUDGETS="2e9 4e9" DEPTHS="1 2" EVAL_TOKENS=1024 CORE_MAX_PER_TASK=4 \
+#   SKIP_SETUP=1 NPROC=1 FLOPS_BUDGETS="4e8 8e8" DEPTHS="1 2" EVAL_TOKENS=1024 CORE_MAX_PER_TASK=4 \
 #     EXTRA_ARGS="--device-type cpu --aspect-ratio 32 --head-dim 32 --max-seq-len 64 --total-batch-size 512" \
 #     DEVICE_BATCH=4 bash runs/scaling_laws.sh
 set -euo pipefail

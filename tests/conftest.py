@@ -11,7 +11,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PICOCHAT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# tiny models gain nothing from intra-op threads, and spinning OMP threads slow them badly when cores are busy
+torch.set_num_threads(1)
 
 # A little varied text for tiny in-process tokenizers: prose, digits, code, unicode.
 TINY_CORPUS = [

@@ -173,3 +173,17 @@ def test_kill_and_resume_is_bitwise_exact_then_base_eval(tiny_home, request):
     accs = [float(r[1]) for r in rows[1:-1]]
     assert all(0.0 <= x <= 1.0 for x in accs)
     assert "val bpb" in out
+
+
+def test_horizon_for_budget_fits_the_wall_clock():
+    """The chosen horizon's simulated wall time (steps + periodic and final val evals) fits the budget, and
+    one more step's worth of training would not have fitted by much."""
+    from picochat.base_train import horizon_for_budget
+    for budget, elapsed, step, step_s, eval_s, every in [(900, 40, 10, 0.7, 12.0, 100), (60, 20, 10, 0.5, 0.0, -1),
+                                                        (3600, 300, 10, 2.0, 60.0, 250), (120, 30, 10, 0.1, 3.0, 5)]:
+        n = horizon_for_budget(budget, elapsed, step, step_s, eval_s, every)
+        evals = (n // every - step // every) if every > 0 else 0
+        simulated = elapsed + (n - step) * step_s + evals * eval_s + eval_s  # + the final eval
+        assert simulated <= 0.98 * budget + 1e-9
+        assert simulated >= 0.95 * 0.98 * budget  # and it does not leave much of the budget unused
+    assert horizon_for_budget(10, 100, 10, 1.0, 0.0, -1) == 11  # over budget already: one more step, never zero

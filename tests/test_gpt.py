@@ -109,6 +109,26 @@ def test_estimate_flops_vs_reference(depth, flops):
         model = GPT(config_from_depth(depth, 32768))
     assert model.estimate_flops() == pytest.approx(flops, rel=5e-4)
 
+def test_norm_and_relu_squared_match_textbook():
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    eps = torch.finfo(torch.float64).eps
+    torch.testing.assert_close(G.norm(x), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    assert torch.autograd.gradcheck(G.norm, (x,))
+    torch.testing.assert_close(G.relu_squared(x), torch.where(x > 0, x * x, torch.zeros_like(x)))
+    assert torch.autograd.gradcheck(G.relu_squared, (x,))
+
+def test_rotary_sign_convention():
+    """Reference 6.4: halves (x1, x2) -> (x1 cos + x2 sin, -x1 sin + x2 cos), i.e. rotation by -theta."""
+    x = torch.randn(1, 3, 2, 8, dtype=torch.float64)
+    ang = torch.rand(1, 3, 1, 4, dtype=torch.float64) * 6
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., :4], x[..., 4:]
+    expected = torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], -1)
+    torch.testing.assert_close(G.apply_rotary_fast(x, *G.rotary_full(cos, sin)), expected)
+    # as a complex rotation: (x1 + i x2) * exp(-i theta)
+    z = torch.complex(x1, x2) * torch.exp(-1j * ang)
+    torch.testing.assert_close(torch.cat([z.real, z.imag], -1), expected)
+
 # -----------------------------------------------------------------------------
 # Initialization
 
