@@ -2,7 +2,7 @@
 AI2 ARC (allenai/ai2_arc): grade-school science multiple choice, subsets ARC-Easy and ARC-Challenge.
 Categorical: the assistant answers with one letter. Mirror: arc/<subset>/<split>.jsonl.
 """
-from picochat.tasks.common import Task, render_mc, load_rows, shuffled_indices
+from picochat.tasks.common import RowsTask, render_mc, load_rows
 
 
 def arc_conversation(row: dict) -> dict:
@@ -19,25 +19,22 @@ def arc_conversation(row: dict) -> dict:
     }
 
 
-class ARC(Task):
+class ARC(RowsTask):
 
     def __init__(self, subset="ARC-Easy", split="train", **kwargs):
         super().__init__(**kwargs)
         assert subset in ("ARC-Easy", "ARC-Challenge"), f"ARC subset must be ARC-Easy or ARC-Challenge, got {subset!r}"
         assert split in ("train", "validation", "test"), f"ARC split must be train|validation|test, got {split!r}"
         self.subset, self.split = subset, split
-        self.rows = load_rows(f"arc/{subset}/{split}.jsonl", ("allenai/ai2_arc", subset, split))
-        self.order = shuffled_indices(len(self.rows), 42)
+        self.set_rows(load_rows(f"arc/{subset}/{split}.jsonl", ("allenai/ai2_arc", subset, split)))
 
     @property
     def eval_type(self):
         return "categorical"
 
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
-        return arc_conversation(self.rows[self.order[index]])
+        return arc_conversation(self.row(index))
 
     def evaluate(self, conversation, response):
         assert response in conversation["letters"], f"ARC answer {response!r} not in {conversation['letters']}"

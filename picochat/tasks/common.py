@@ -68,6 +68,20 @@ class Task:
             yield self[i]
 
 
+class RowsTask(Task):
+    """A Task over a list of dataset rows, visited in a fixed shuffled order (seed 42, as the reference)."""
+
+    def set_rows(self, rows):
+        self.rows = rows
+        self.order = shuffled_indices(len(rows), 42)
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def row(self, index):
+        return self.rows[self.order[index]]
+
+
 class TaskMixture(Task):
     """All examples of all tasks, shuffled once with a fixed seed so every rank and every run agrees.
     A task listed k times appears k times (the 'epochs' knob for small datasets)."""

@@ -6,7 +6,7 @@ Scored by exact match of the number after '#### ' (commas removed).
 """
 import re
 
-from picochat.tasks.common import Task, load_rows, shuffled_indices
+from picochat.tasks.common import RowsTask, load_rows
 
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 CALC_RE = re.compile(r"(<<[^>]*>>)")
@@ -45,25 +45,22 @@ def gsm8k_conversation(row: dict) -> dict:
     ]}
 
 
-class GSM8K(Task):
+class GSM8K(RowsTask):
 
     def __init__(self, subset="main", split="train", **kwargs):
         super().__init__(**kwargs)
         assert subset in ("main", "socratic"), f"GSM8K subset must be main|socratic, got {subset!r}"
         assert split in ("train", "test"), f"GSM8K split must be train|test, got {split!r}"
         rel = f"gsm8k/{split}.jsonl" if subset == "main" else f"gsm8k/socratic_{split}.jsonl"
-        self.rows = load_rows(rel, ("openai/gsm8k", subset, split))
-        self.order = shuffled_indices(len(self.rows), 42)
+        self.set_rows(load_rows(rel, ("openai/gsm8k", subset, split)))
 
     @property
     def eval_type(self):
         return "generative"
 
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
-        return gsm8k_conversation(self.rows[self.order[index]])
+        return gsm8k_conversation(self.row(index))
 
     def evaluate(self, conversation, response: str) -> int:
         last = conversation["messages"][-1]["content"]

@@ -5,7 +5,7 @@ run in picochat.sandbox; it passes iff the process exits cleanly.
 """
 import re
 
-from picochat.tasks.common import Task, load_rows, shuffled_indices
+from picochat.tasks.common import RowsTask, load_rows
 
 FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -28,22 +28,19 @@ def extract_program(completion: str) -> str:
     return m.group(1) if m else completion
 
 
-class HumanEval(Task):
+class HumanEval(RowsTask):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.rows = load_rows("humaneval/HumanEval.jsonl.gz", ("openai/openai_humaneval", "openai_humaneval", "test"))
-        self.order = shuffled_indices(len(self.rows), 42)
+        self.set_rows(load_rows("humaneval/HumanEval.jsonl.gz", ("openai/openai_humaneval", "openai_humaneval", "test")))
 
     @property
     def eval_type(self):
         return "generative"
 
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
-        row = self.rows[self.order[index]]
+        row = self.row(index)
         return {
             "messages": [
                 {"role": "user", "content": row["prompt"]},

@@ -3,7 +3,7 @@ MMLU (cais/mmlu): 57-subject multiple choice, letters A-D. Categorical.
 Training uses the `auxiliary_train` split of subset "all" (reference pitfall 21). The mirror has no
 auxiliary_train: we then train on mmlu/dev plus ARC-Easy train rendered the same way, and say so loudly.
 """
-from picochat.tasks.common import Task, render_mc, load_rows, shuffled_indices, have_mirror, mirror_has, loud_fallback
+from picochat.tasks.common import RowsTask, render_mc, load_rows, have_mirror, mirror_has, loud_fallback
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -26,7 +26,7 @@ def _arc_as_mmlu(row: dict) -> dict:
             "subject": "arc_easy"}
 
 
-class MMLU(Task):
+class MMLU(RowsTask):
 
     def __init__(self, subset="all", split="test", **kwargs):
         super().__init__(**kwargs)
@@ -47,18 +47,15 @@ class MMLU(Task):
             rows = load_rows(f"mmlu/{split}.jsonl", ("cais/mmlu", subset, split))
         if rows and "train" in rows[0] and "question" not in rows[0]:
             rows = [r["train"] for r in rows]   # old hub layout wrapped aux rows in a `train` field
-        self.rows = rows
-        self.order = shuffled_indices(len(self.rows), 42)
+        self.set_rows(rows)
 
     @property
     def eval_type(self):
         return "categorical"
 
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
-        return mmlu_conversation(self.rows[self.order[index]])
+        return mmlu_conversation(self.row(index))
 
     def evaluate(self, conversation, response):
         assert response in LETTERS, f"MMLU answer {response!r} not in {LETTERS}"
