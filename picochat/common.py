@@ -189,9 +189,14 @@ def synchronize(device_type: str):
         torch.mps.synchronize()
 
 def max_memory_allocated(device_type: str) -> int:
+    """Peak bytes: the CUDA caching allocator's peak on CUDA, else the process's peak resident set size."""
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated()
-    return 0
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    except (ImportError, OSError):
+        return 0
 
 def device_name(device_type: str) -> str:
     if device_type == "cuda":
