@@ -25,14 +25,6 @@ def naive(q, k, v, window, scale=None):
 def sdpa_only(monkeypatch):
     monkeypatch.setattr(A, "OVERRIDE", "sdpa")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread. With 2 OpenMP threads on a busy 2-core box each op can stall ~100x in barriers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def qkv(B=2, T=40, H=4, Hkv=2, D=16, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, T, H, D, generator=g, dtype=dtype), torch.randn(B, T, Hkv, D, generator=g, dtype=dtype),

@@ -18,14 +18,6 @@ from picochat.tasks import CustomJSON, BASELINES
 from test_tasks import make_tiny_mirror
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny matmuls: threads only add barrier waits on a shared 2-core box
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_config(tok, seq_len=128):
     return GPTConfig(sequence_len=seq_len, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
                      n_embd=64, window_pattern="L")

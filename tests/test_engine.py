@@ -10,15 +10,6 @@ from picochat.engine import Engine, TextStreamer, use_calculator, sample_next_to
 from picochat.gpt import GPTConfig, build_model
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    # tiny matmuls on a shared 2-core box are far faster single-threaded (no OpenMP barrier waits)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _randomize(model, seed=0):
     """A random model with EVERYTHING active: init_weights zeroes c_proj and smear_lambda, which would make
     blocks identities and smear a no-op; here every tensor gets a random value instead."""
@@ -36,7 +27,7 @@ def _randomize(model, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_tokenizer, one_thread):
+def tiny_model(tiny_tokenizer):
     torch.manual_seed(0)
     cfg = GPTConfig(sequence_len=128, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=3, n_head=2,
                     n_kv_head=1, n_embd=64, window_pattern="SSL")
@@ -278,7 +269,7 @@ def test_text_streamer_multibyte(tiny_tokenizer):
 # -----------------------------------------------------------------------------
 # Benchmark smoke test (numbers are not asserted: the machine is shared)
 
-def test_infer_bench_random_init_json(picochat_home, capsys, one_thread):
+def test_infer_bench_random_init_json(picochat_home, capsys):
     import json
     from picochat.infer_bench import main
     assert main(["--random-init", "--depth", "1", "--max-seq-len", "64", "--window-pattern", "L", "--vocab-size", "256",

@@ -8,13 +8,6 @@ import torch.nn as nn
 from picochat import fp8 as F8
 from picochat.gpt import GPTConfig, build_model, Linear
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def test_fp8_constants():
     assert F8.E4M3_MAX == 448.0 and F8.E5M2_MAX == 57344.0
 

@@ -15,14 +15,6 @@ TINY = dict(sequence_len=64, vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n
 def sdpa_only(monkeypatch):
     monkeypatch.setattr(A, "OVERRIDE", "sdpa")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread. With 2 OpenMP threads on a busy 2-core box each op can stall ~100x in barriers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def tiny(dtype=torch.float64, seed=0, perturb=True, **kw):
     """A tiny model; `perturb` randomizes the params that init to zero/off (attn/mlp c_proj, smear lambda),
     otherwise attention and smear would be inert and the tests below could not fail."""

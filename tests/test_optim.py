@@ -20,15 +20,6 @@ from picochat.optim import MuonAdamW, POLAR_EXPRESS_COEFFS, polar_express
 # -----------------------------------------------------------------------------
 # helpers
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These matrices are tiny: extra intra-op threads only add OpenMP spin-waits, which on a busy 2-core
-    # machine turn a 0.5 s test into 25 s.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def adamw_group(params, lr=1e-2, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1):
     return dict(kind="adamw", params=list(params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 

@@ -21,15 +21,6 @@ def build_tiny_model(tokenizer, seed=0):
     model.eval()
     return model
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """A 64-wide model gains nothing from intra-op threads, and several generation threads each spinning
-    2 intra-op threads on a shared 2-core machine run ~10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def stack(tiny_tokenizer):
     from picochat.engine import Engine

@@ -121,14 +121,6 @@ class Browser:
         os.close(self._r)
         shutil.rmtree(self.profile, ignore_errors=True)
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from intra-op threads; on a busy 2-core machine they only spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def browser():
     b = Browser()
