@@ -124,3 +124,20 @@ def test_import_rejects_bad_inputs(tmp_path, picochat_home, tiny_tokenizer):
     evil.write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
     with pytest.raises(pickle.UnpicklingError, match="refusing to load os.system"):
         read_nanochat_tokenizer(evil)
+
+
+def test_cli_export_and_import(tmp_path, picochat_home, tiny_tokenizer):
+    """`picochat export` on the latest checkpoint and `picochat import-nanochat` through their main()s."""
+    from picochat.__main__ import main as picochat_main
+    from picochat.checkpoint import checkpoint_dir, save_checkpoint
+    tiny_tokenizer.save(picochat_home / "tokenizer")
+    model = tiny_model(tiny_tokenizer.get_vocab_size(), seed=5)
+    save_checkpoint(checkpoint_dir("sft", "d4"), 3, model, None, {"model_config": model.config.to_dict()})
+    assert picochat_main(["export", "--format", "hf", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-5, rtol=1e-5)
+    ckpt = _write_nanochat_checkpoint(tmp_path / "nanochat", model, tiny_tokenizer)
+    assert picochat_main(["import-nanochat", str(ckpt), "--allow-pickle", "--stage", "rl", "--model-tag", "nc"]) == 0
+    assert (picochat_home / "checkpoints" / "rl" / "nc" / "model_000007.safetensors").exists()
