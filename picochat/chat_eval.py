@@ -142,20 +142,15 @@ def evaluate_tasks(model, tokenizer, engine, task_names, batch_size=8, num_sampl
     return results
 
 
-PRODUCER = {"base": "picochat base-train", "sft": "picochat chat-sft", "rl": "picochat chat-rl"}
-
 def find_tag(source: str, model_tag=None) -> str:
-    """The model tag to load from checkpoints/<source>, with an error naming the stage that makes them."""
+    """The model tag to load from checkpoints/<source> (default: the largest), with an error naming the stage
+    that makes them."""
     from picochat import checkpoint
     stage_dir = get_base_dir() / "checkpoints" / source
-    if model_tag:
-        if not (stage_dir / model_tag).is_dir():
-            raise FileNotFoundError(f"no {source} checkpoints for tag {model_tag!r} in {stage_dir}; "
-                                    f"run `{PRODUCER[source]}` first or pick another --model-tag")
-        return model_tag
-    if not stage_dir.is_dir() or not any(stage_dir.iterdir()):
-        raise FileNotFoundError(f"no {source} checkpoints under {stage_dir}; run `{PRODUCER[source]}` first")
-    return checkpoint.find_largest_model(stage_dir)
+    if model_tag and not (stage_dir / model_tag).is_dir():
+        raise FileNotFoundError(f"no {source} checkpoints for tag {model_tag!r} in {stage_dir}; "
+                                f"run `{checkpoint.PRODUCER[source]}` first or pick another --model-tag")
+    return model_tag or checkpoint.find_largest_model(stage_dir)
 
 
 def main(argv=None):

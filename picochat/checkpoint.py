@@ -64,8 +64,8 @@ def find_largest_model(stage_dir) -> str:
     stage_dir = Path(stage_dir)
     tags = [p for p in stage_dir.iterdir() if p.is_dir()] if stage_dir.is_dir() else []
     if not tags:
-        hint = {"base": "picochat base-train", "sft": "picochat chat-sft", "rl": "picochat chat-rl"}.get(stage_dir.name, "a training stage")
-        raise FileNotFoundError(f"no checkpoints under {stage_dir}; train a model first ({hint})")
+        raise FileNotFoundError(f"no checkpoints under {stage_dir}; train a model first "
+                                f"({PRODUCER.get(stage_dir.name, 'a training stage')})")
     # a crashed run without any complete checkpoint should not shadow a usable one
     tags = [p for p in tags if find_last_step(p) is not None] or tags
     depths = [(int(m.group(1)), p.name) for p in tags if (m := re.fullmatch(r"d(\d+)", p.name))]
@@ -74,6 +74,7 @@ def find_largest_model(stage_dir) -> str:
     return max(tags, key=lambda p: p.stat().st_mtime).name
 
 SOURCES_BY_PREFERENCE = ("rl", "sft", "base")
+PRODUCER = {"base": "picochat base-train", "sft": "picochat chat-sft", "rl": "picochat chat-rl"}
 
 def latest_source(model_tag=None) -> str:
     """The most finished stage with a complete checkpoint (rl > sft > base): what chat/serve/export load by default."""
