@@ -1,23 +1,21 @@
 """
-CPU settings sweep for runs/cpu.sh: which depth / vocab / sequence length / batch / warmup reaches the lowest
-val bpb when base-train gets a fixed wall-clock budget (default 15 minutes, counted from the command's start,
-start-up and evaluations included) on this machine?
+CPU settings sweep for runs/cpu.sh: which depth / vocab / sequence length / batch / warmup / LR / document
+splitting reaches the lowest val bpb when base-train gets a fixed wall-clock budget (default 15 minutes,
+counted from the command's start, start-up and evaluations included) on this machine?
 
-base-train has no wall-clock flag, so each setting first runs a short throughput probe (the same command with
---num-iterations PROBE_STEPS): its wall time minus its training steps' time (metrics.jsonl `dt`) is the fixed
-overhead (start-up, the two val evaluations, the checkpoint save), and the median step time gives
-  num_iterations = floor((budget - overhead) / step_time).
-The probe does not count against the budget; the real run's wall time is recorded next to the budget
-(`wall_s`, `over_budget_pct`) so a bad estimate is visible. bpb is tokenizer-independent, so settings with
-different vocabularies compare directly; each vocabulary gets its own tokenizer, trained once into its own
-PICOCHAT_HOME (<work-dir>/vocab_<V>).
+Each setting runs base-train with --max-time-s <budget>, exactly as runs/cpu.sh does: base-train times its
+first steps and its val evaluation, then fixes the horizon (and so the LR schedule) to fit the budget. The
+run's wall time is recorded next to the budget (`wall_s`, `over_budget_pct`) so a bad fit is visible.
+bpb is tokenizer-independent, so settings with different vocabularies compare directly; each vocabulary
+gets its own tokenizer, trained once into its own PICOCHAT_HOME (<work-dir>/vocab_<V>). The val bpb is
+measured with the reference's packing whatever split_docs says, so it compares across that axis too.
 
 Sweep modes: `oat` (default) varies one axis at a time around the base point (1 + sum(len(axis) - 1) runs);
 `full` runs the cartesian product. Results are JSON lines in <work-dir>/results.jsonl; settings already there
 are skipped, so an interrupted sweep continues. A human table and a final JSON line (best setting) are printed.
 
     python bench/cpu_sweep.py --data-dir /work/shared/data/pretrain                  # default grid, 15 min each
-    python bench/cpu_sweep.py --data-dir /work/shared/data/pretrain --axes depth,total_batch
+    python bench/cpu_sweep.py --data-dir /work/shared/data/pretrain --axes depth,total_batch --budget-s 360
     python bench/cpu_sweep.py --budget-s 20 --grid small --data-dir /tmp/tiny/pretrain --work-dir /tmp/sweep  # smoke
     PICOCHAT_MIRROR=../shared/data python bench/cpu_sweep.py     # shards downloaded into <work-dir>/data
     python bench/cpu_sweep.py --dry-run                          # print the settings and exit
@@ -39,22 +37,24 @@ REPO = Path(__file__).resolve().parents[1]
 GRIDS = {
     "default": {
         "base": {"depth": 3, "vocab": 4096, "seq_len": 256, "total_batch": 4096, "warmup": 10, "lr_mult": 1.0,
-                 "aspect_ratio": 64, "head_dim": 64},
+                 "split_docs": 1, "aspect_ratio": 64, "head_dim": 64},
         "axes": {"depth": [2, 3, 4, 6], "vocab": [2048, 4096, 8192], "seq_len": [128, 256, 512],
-                 "total_batch": [2048, 4096, 8192, 16384], "warmup": [0, 10, 40], "lr_mult": [0.5, 1.0, 2.0, 4.0]},
-        "device_batch": 16, "eval_tokens": 65536, "max_chars": 50_000_000, "probe_steps": 6,
+                 "total_batch": [2048, 4096, 8192, 16384], "warmup": [0, 10, 40], "lr_mult": [0.5, 1.0, 2.0, 4.0],
+                 "split_docs": [0, 1]},
+        "device_batch": 16, "eval_tokens": 65536, "max_chars": 50_000_000,
     },
     # smoke test: seconds per run
     "small": {
         "base": {"depth": 1, "vocab": 512, "seq_len": 64, "total_batch": 512, "warmup": 1, "lr_mult": 1.0,
-                 "aspect_ratio": 32, "head_dim": 32},
+                 "split_docs": 1, "aspect_ratio": 32, "head_dim": 32},
         "axes": {"depth": [1, 2], "vocab": [512, 768]},
-        "device_batch": 4, "eval_tokens": 1024, "max_chars": 200_000, "probe_steps": 3,
+        "device_batch": 4, "eval_tokens": 1024, "max_chars": 200_000,
     },
 }
 # base-train's default LRs (before its sqrt(B/B_ref) batch scaling); lr_mult multiplies all four
 BASE_LRS = {"embedding-lr": 0.3, "unembedding-lr": 0.008, "matrix-lr": 0.02, "scalar-lr": 0.5}
-KEY_FIELDS = ["depth", "vocab", "seq_len", "total_batch", "warmup", "lr_mult", "aspect_ratio", "head_dim"]
+KEY_FIELDS = ["depth", "vocab", "seq_len", "total_batch", "warmup", "lr_mult", "split_docs", "aspect_ratio",
+              "head_dim"]
 
 
 def settings(grid: dict, mode: str, axes_filter=None) -> list[dict]:
@@ -83,7 +83,8 @@ def key_of(s: dict) -> str:
 
 
 def tag_of(s: dict) -> str:
-    return f"sweep_d{s['depth']}_v{s['vocab']}_t{s['seq_len']}_b{s['total_batch']}_w{s['warmup']}_lr{s['lr_mult']:g}"
+    return (f"sweep_d{s['depth']}_v{s['vocab']}_t{s['seq_len']}_b{s['total_batch']}_w{s['warmup']}"
+            f"_lr{s['lr_mult']:g}_s{s['split_docs']}")
 
 
 def device_batch_for(s: dict, default: int):
@@ -148,15 +149,15 @@ def ensure_tokenizer(vocab: int, data_dir: Path, max_chars: int, work: Path) -> 
     return home
 
 
-def train_cmd(s, num_iterations, device_batch, eval_tokens, data_dir, tag):
+def train_cmd(s, budget_s, device_batch, eval_tokens, data_dir, tag):
     return [sys.executable, "-m", "picochat", "base-train", "--device-type", "cpu",
             "--depth", str(s["depth"]), "--aspect-ratio", str(s["aspect_ratio"]), "--head-dim", str(s["head_dim"]),
             "--max-seq-len", str(s["seq_len"]), "--window-pattern", "L",
             "--device-batch-size", str(device_batch), "--total-batch-size", str(s["total_batch"]),
-            "--num-iterations", str(num_iterations), "--warmup-steps", str(s["warmup"]),
+            "--max-time-s", f"{budget_s:g}", "--warmup-steps", str(s["warmup"]),
             "--eval-every", "1000000000", "--eval-tokens", str(eval_tokens),  # eval at step 0 and at the end
             "--core-metric-every", "-1", "--sample-every", "-1", "--save-every", "-1", "--keep-last", "1",
-            "--data-dir", str(data_dir), "--model-tag", tag] + \
+            "--data-dir", str(data_dir), "--model-tag", tag] + (["--split-docs"] if s.get("split_docs") else []) + \
         [a for name, lr in BASE_LRS.items() for a in (f"--{name}", f"{lr * s['lr_mult']:g}")]
 
 
@@ -188,37 +189,24 @@ def sweep_one(s, args, grid, data_dir, work) -> dict:
     eval_tokens = args.eval_tokens or grid["eval_tokens"]
     log = work / "logs" / f"{tag_of(s)}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    # 1. throughput probe
-    k = args.probe_steps or grid["probe_steps"]
-    rc, probe_wall = run(train_cmd(s, k, db, eval_tokens, data_dir, tag_of(s) + "_probe"), env, log)
-    probe = read_run(home, tag_of(s) + "_probe") if rc == 0 else {}
-    shutil.rmtree(home / "checkpoints" / "base" / (tag_of(s) + "_probe"), ignore_errors=True)
-    if rc != 0 or not probe.get("dts"):
-        return {**rec, "error": f"probe failed (exit {rc}); see {log}"}
-    dts = probe["dts"][1:] or probe["dts"]          # the first step warms up allocators and caches
-    step_s = statistics.median(dts)
-    overhead = max(0.0, probe_wall - sum(probe["dts"]))
-    n = int((args.budget_s - overhead) // step_s)
-    rec.update(probe_wall_s=round(probe_wall, 2), step_s=round(step_s, 4), overhead_s=round(overhead, 2))
-    if n < 1:
-        n = 1
-        rec["note"] = "budget smaller than the fixed overhead: ran 1 step"
-    # 2. the budgeted run
-    rc, wall = run(train_cmd(s, n, db, eval_tokens, data_dir, tag_of(s)), env, log,
+    rc, wall = run(train_cmd(s, args.budget_s, db, eval_tokens, data_dir, tag_of(s)), env, log,
                    timeout=max(60.0, 3 * args.budget_s))
     res = read_run(home, tag_of(s)) if rc == 0 else {}
     if not args.keep_checkpoints:
         shutil.rmtree(home / "checkpoints" / "base" / tag_of(s), ignore_errors=True)
-    if rc != 0 or res.get("step") != n:
-        return {**rec, "num_iterations": n, "error": f"run failed (exit {rc}); see {log}"}
-    return {**rec, "num_iterations": n, "tokens": res["tokens"], "scaling_params": res["scaling_params"],
+    if rc != 0 or not res.get("step"):
+        return {**rec, "error": f"run failed (exit {rc}); see {log}"}
+    dts = res["dts"][1:] or res["dts"]  # the first step warms up allocators and caches
+    step_s = statistics.median(dts)
+    return {**rec, "num_iterations": res["step"], "tokens": res["tokens"], "scaling_params": res["scaling_params"],
             "flops_per_token": res["flops_per_token"], "val_bpb": res["val_bpb"], "wall_s": round(wall, 2),
             "over_budget_pct": round(100 * (wall - args.budget_s) / args.budget_s, 1),
-            "tok_per_s": round(s["total_batch"] / step_s)}
+            "step_s": round(step_s, 4), "tok_per_s": round(s["total_batch"] / step_s)}
 
 
 def print_table(records):
-    cols = ["depth", "vocab", "seq_len", "total_batch", "warmup", "lr_mult", "num_iterations", "tokens", "tok_per_s",
+    cols = ["depth", "vocab", "seq_len", "total_batch", "warmup", "lr_mult", "split_docs", "num_iterations", "tokens",
+            "tok_per_s",
             "wall_s", "over_budget_pct", "val_bpb"]
     print("\n" + " ".join(f"{c:>14}" for c in cols))
     for r in sorted(records, key=lambda r: (r.get("val_bpb") is None, r.get("val_bpb") or 0)):
@@ -241,7 +229,6 @@ def main(argv=None):
     p.add_argument("--num-shards", type=int, default=4, help="train shards to download without --data-dir")
     p.add_argument("--max-chars", type=int, default=None, help="tokenizer training chars (default: the grid's)")
     p.add_argument("--eval-tokens", type=int, default=None, help="val tokens per evaluation (default: the grid's)")
-    p.add_argument("--probe-steps", type=int, default=None)
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)

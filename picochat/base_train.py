@@ -100,6 +100,10 @@ def build_parser():
     a("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
     a("--model-tag", default=None, help="checkpoint directory name (default d<depth>)")
     a("--data-dir", default=None, help="directory of parquet shards (default $PICOCHAT_HOME/data/climbmix)")
+    a("--split-docs", action="store_true",
+      help="cut documents longer than a row into BOS-first row-sized pieces instead of cropping their tails "
+           "(the reference crops). Use at short --max-seq-len (the CPU demo), where cropping would discard most "
+           "of each document. Validation keeps the reference's packing, so val bpb stays comparable")
     a("--resume", default=None, help="'auto' (last complete checkpoint of this run, else start fresh) or a step")
     a("--resume-from-step", type=int, default=-1)
     return p
@@ -386,7 +390,7 @@ def main(argv=None):
     # ---- data ----
     loader_state = meta["dataloader_state"] if meta else None
     train_loader = pretrain_batches(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
-                                    data_dir=args.data_dir, resume_state=loader_state)
+                                    data_dir=args.data_dir, resume_state=loader_state, split_docs=args.split_docs)
     consumed_state = loader_state  # the state right after the last batch TRAINED on (what a resume needs)
     x, y, next_state = next(train_loader)  # prefetch
     eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * rt.world_size))

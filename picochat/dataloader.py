@@ -6,24 +6,32 @@ the longest buffered document that still fits is placed whole; when none fits, t
 cropped to fill the row (its tail is discarded). No padding, 100% of positions used. inputs = row[:-1],
 targets = row[1:]. The stream is infinite and multi-epoch.
 
+split_docs=True (off by default; the reference crops): a document longer than a row is first cut into
+row-sized pieces - the first T+1 tokens, then <|bos|> + the next T tokens, and so on - which are packed like
+documents. At the reference's T=2048 cropping discards ~35% of tokens; at a CPU demo's T=256 most of the
+corpus is multi-thousand-token documents, so cropping would train on their first 256 tokens only and burn
+through the data several times faster (we measured epoch 4 by step 770 of the CPU demo).
+
 Distributed: the row groups of the split's files are numbered globally in file order; rank r of W reads
 row groups r, r+W, r+2W, ... (so with few, single-row-group shards every rank still gets data).
 
 Resume: each batch comes with a small JSON-serializable state describing the position right AFTER that
 batch: the stream cursor (epoch, file, row group, next document) and the packing buffer as an ordered
-list of document references [file, row_group, doc]. Every buffered document is a whole, never-used
-document, so re-reading and re-tokenizing the references restores the buffer exactly, and a loader
+list of references [file, row_group, doc, piece]. Every buffered entry is a whole, never-used document (or
+piece of one), so re-reading and re-tokenizing the references restores the buffer exactly, and a loader
 built with that state yields exactly the batches the uninterrupted run would have yielded.
 With several ranks, each has its own state: `gather_state` collects them for the checkpoint and a
 gathered state can be passed back as `resume_state` on every rank (each picks its own).
 
-State format (version 1, one rank; ~15 KB of JSON at buffer_size=1000):
-    {"version": 1, "split": "train", "rank": r, "world_size": W,
+State format (version 2, one rank; ~20 KB of JSON at buffer_size=1000):
+    {"version": 2, "split": "train", "rank": r, "world_size": W,
      "epoch": e (1-based), "file": f, "row_group": g, "doc": d,   # next document to read: doc d of (f, g)
-     "buffer": [[f, g, d], ...],                                  # buffered whole documents, in buffer order
+     "buffer": [[f, g, d, p], ...],                               # buffered documents (piece p), in buffer order
      "buffer_size": 1000, "tokenizer_batch_size": 128,            # decide the refill chunking: kept on resume
+     "split_docs": false,                                         # decides the pieces: kept on resume
      "num_files": n, "B": B, "T": T,                              # for mismatch warnings
-     "stats": {"batches", "tokens", "docs", "crops", "cropped_tokens"}}   # cumulative packing statistics
+     "stats": {"batches", "tokens", "docs", "crops", "cropped_tokens", "pieces"}}   # cumulative statistics
+(Version 1 states, from before split_docs, are read as split_docs=false with piece 0.)
 Gathered form (what gather_state returns): {"world_size": W, "ranks": [state_rank0, ..., state_rankW-1]}.
 (f is an index into the split's sorted file list, g a row group of that file, d a row within it.)
 
@@ -47,7 +55,7 @@ import torch
 from picochat import dataset
 from picochat.common import get_dist_info, logger
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def assign_row_groups(sizes, rank: int, world_size: int) -> list:
@@ -132,42 +140,69 @@ class _DocStream:
         return refs, chunk
 
 
-class _Packer:
-    """Best-fit packing over a buffer of tokenized whole documents (runs in the producer thread)."""
+def split_pieces(tok: np.ndarray, T: int, bos: int) -> list:
+    """A tokenized document (BOS first) as pieces of at most T+1 tokens, each starting with BOS: the first
+    T+1 tokens, then BOS + the next T tokens, ... Concatenating the pieces without their added BOS gives tok."""
+    if len(tok) <= T + 1:
+        return [tok]
+    pieces = [tok[:T + 1]]
+    for start in range(T + 1, len(tok), T):
+        pieces.append(np.concatenate(([bos], tok[start:start + T])))
+    return pieces
 
-    def __init__(self, tokenizer, stream, B, T, buffer_size, tokenizer_threads, stats=None):
+
+class _Packer:
+    """Best-fit packing over a buffer of tokenized whole documents or pieces (runs in the producer thread)."""
+
+    def __init__(self, tokenizer, stream, B, T, buffer_size, tokenizer_threads, stats=None, split_docs=False):
         self.tokenizer, self.stream = tokenizer, stream
         self.B, self.T = B, T
-        self.buffer_size, self.threads = buffer_size, tokenizer_threads
+        self.buffer_size, self.threads, self.split_docs = buffer_size, tokenizer_threads, split_docs
         self.bos = tokenizer.get_bos_token_id()
         self.refs, self.toks, self.lens = [], [], []  # parallel lists, buffer order
         self.stop = None  # threading.Event set by the consumer; checked between tokenizer calls
-        self.stats = dict(stats) if stats else {"batches": 0, "tokens": 0, "docs": 0, "crops": 0,
-                                                "cropped_tokens": 0}
+        self.stats = {"batches": 0, "tokens": 0, "docs": 0, "crops": 0, "cropped_tokens": 0, "pieces": 0}
+        self.stats.update(stats or {})
+
+    def _pieces(self, tok):
+        return split_pieces(tok, self.T, self.bos) if self.split_docs else [tok]
 
     def _encode(self, texts):
         ids = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.threads)
         return [np.asarray(t, dtype=np.int64) for t in ids]
 
     def _append(self, refs, texts):
-        for ref, tok in zip(refs, self._encode(texts)):
-            self.refs.append(ref)
-            self.toks.append(tok)
-            self.lens.append(len(tok))
+        for (f, g, d), tok in zip(refs, self._encode(texts)):
+            pieces = self._pieces(tok)
+            self.stats["pieces"] += len(pieces) - 1
+            for p, piece in enumerate(pieces):
+                self.refs.append((f, g, d, p))
+                self.toks.append(piece)
+                self.lens.append(len(piece))
 
     def restore(self, refs):
-        """Refill the buffer with the referenced documents, in the given order."""
-        refs = [tuple(r) for r in refs]
+        """Refill the buffer with the referenced documents (pieces), in the given order."""
+        refs = [tuple(r) if len(r) == 4 else (*r, 0) for r in refs]  # version 1: [f, g, d]
+        docs = sorted({(f, g, d) for f, g, d, _ in refs})
         wanted = {}  # read each row group once, keep only the referenced documents' texts
-        for f, g in sorted({(f, g) for f, g, _ in refs}):
+        for f, g in sorted({(f, g) for f, g, _ in docs}):
             rg_texts = self.stream.texts(f, g)
-            for d in {d for ff, gg, d in refs if (ff, gg) == (f, g)}:
+            for _, _, d in (r for r in docs if r[:2] == (f, g)):
                 if not 0 <= d < len(rg_texts):
                     raise ValueError(f"resume state references doc {d} of {self.stream.files[f]} row group {g}, "
                                      f"which has {len(rg_texts)}; the data changed since the state was saved")
                 wanted[(f, g, d)] = rg_texts[d]
-        for i in range(0, len(refs), 1024):  # tokenize in slices to bound peak memory
-            self._append(refs[i:i + 1024], [wanted[r] for r in refs[i:i + 1024]])
+        pieces = {}
+        for i in range(0, len(docs), 1024):  # tokenize in slices to bound peak memory
+            for ref, tok in zip(docs[i:i + 1024], self._encode([wanted[r] for r in docs[i:i + 1024]])):
+                pieces[ref] = self._pieces(tok)
+        for f, g, d, p in refs:
+            if p >= len(pieces[(f, g, d)]):
+                raise ValueError(f"resume state references piece {p} of doc {d} of {self.stream.files[f]} row "
+                                 f"group {g}, which has {len(pieces[(f, g, d)])}; the data or tokenizer changed")
+            self.refs.append((f, g, d, p))
+            self.toks.append(pieces[(f, g, d)][p])
+            self.lens.append(len(self.toks[-1]))
 
     def _refill(self):
         while len(self.lens) < self.buffer_size:
@@ -227,7 +262,7 @@ def _select_state(resume_state, rank, world_size):
             raise ValueError(f"dataloader state was saved with {resume_state.get('world_size')} ranks, this run has "
                              f"{world_size}: exact resume needs the same world size (the optimizer shards do too)")
         resume_state = resume_state["ranks"][rank]
-    if resume_state.get("version") != STATE_VERSION:
+    if resume_state.get("version") not in (1, STATE_VERSION):
         raise ValueError(f"unsupported dataloader state version {resume_state.get('version')!r}")
     if (resume_state["rank"], resume_state["world_size"]) != (rank, world_size):
         raise ValueError(f"dataloader state belongs to rank {resume_state['rank']} of {resume_state['world_size']}, "
@@ -244,7 +279,8 @@ class DistributedBestFitLoader:
     """Iterable of (inputs, targets, state); see the module docstring. rank/world_size default to torchrun's."""
 
     def __init__(self, tokenizer, B, T, split, device="cpu", data_dir=None, resume_state=None, buffer_size=1000,
-                 tokenizer_threads=4, tokenizer_batch_size=128, rank=None, world_size=None, prefetch=2):
+                 tokenizer_threads=4, tokenizer_batch_size=128, rank=None, world_size=None, prefetch=2,
+                 split_docs=False):
         if B < 1 or T < 1:
             raise ValueError(f"B and T must be positive, got B={B} T={T}")
         _, env_rank, _, env_world = get_dist_info()
@@ -256,7 +292,7 @@ class DistributedBestFitLoader:
         self.sizes = dataset.row_group_sizes(self.files)
         self.mine = assign_row_groups(self.sizes, self.rank, self.world_size)
         self.resume_state = _select_state(resume_state, self.rank, self.world_size)
-        self.buffer_size, self.tokenizer_batch_size = buffer_size, tokenizer_batch_size
+        self.buffer_size, self.tokenizer_batch_size, self.split_docs = buffer_size, tokenizer_batch_size, split_docs
         if self.resume_state is not None:
             s = self.resume_state
             if s["split"] != split:
@@ -267,6 +303,10 @@ class DistributedBestFitLoader:
                                f"{s['tokenizer_batch_size']} (not {buffer_size}/{tokenizer_batch_size}) to keep "
                                f"the token stream identical")
                 self.buffer_size, self.tokenizer_batch_size = s["buffer_size"], s["tokenizer_batch_size"]
+            if s.get("split_docs", False) != split_docs:
+                logger.warning(f"resuming with the saved split_docs={s.get('split_docs', False)} (not {split_docs}) to keep "
+                               f"the token stream identical; start a new run to change it")
+                self.split_docs = s.get("split_docs", False)
             if s["num_files"] != len(self.files):
                 logger.warning(f"the {split} split had {s['num_files']} files when the state was saved, now "
                                f"{len(self.files)}: the stream continues, but later epochs differ")
@@ -280,8 +320,8 @@ class DistributedBestFitLoader:
     @property
     def stats(self) -> dict:
         """Packing statistics up to the last yielded batch, with crop_fraction and utilisation."""
-        s = dict(self.last_state["stats"]) if self.last_state else {"batches": 0, "tokens": 0, "docs": 0,
-                                                                   "crops": 0, "cropped_tokens": 0}
+        s = {"batches": 0, "tokens": 0, "docs": 0, "crops": 0, "cropped_tokens": 0, "pieces": 0}
+        s.update(self.last_state["stats"] if self.last_state else {})
         s["crop_fraction"] = crop_fraction(s)
         positions = s["batches"] * self.B * (self.T + 1)
         s["utilisation"] = s["tokens"] / positions if positions else 0.0
@@ -294,7 +334,7 @@ class DistributedBestFitLoader:
         cursor = {} if s is None else {k: s[k] for k in ("epoch", "file", "row_group", "doc")}
         stream = _DocStream(self.files, self.sizes, self.mine, self.tokenizer_batch_size, **cursor)
         packer = _Packer(self.tokenizer, stream, self.B, self.T, self.buffer_size, self.tokenizer_threads,
-                         stats=None if s is None else s["stats"])
+                         stats=None if s is None else s["stats"], split_docs=self.split_docs)
         if s is not None:
             packer.restore(s["buffer"])
         return packer
@@ -304,7 +344,7 @@ class DistributedBestFitLoader:
         return {"version": STATE_VERSION, "split": self.split, "rank": self.rank, "world_size": self.world_size,
                 **packer.stream.cursor(), "buffer": [list(r) for r in packer.refs],
                 "buffer_size": self.buffer_size, "tokenizer_batch_size": self.tokenizer_batch_size,
-                "num_files": len(self.files), "B": self.B, "T": self.T, "stats": dict(packer.stats)}
+                "split_docs": self.split_docs, "num_files": len(self.files), "B": self.B, "T": self.T, "stats": dict(packer.stats)}
 
     def _to_tensors(self, rows):
         rows = torch.from_numpy(rows)

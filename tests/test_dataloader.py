@@ -3,6 +3,8 @@ and an epoch boundary, with the real tokenizer), 2-rank disjointness/coverage, c
 import json
 import random
 
+import numpy as np
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -139,9 +141,45 @@ def test_packing_matches_reference_and_invariants(tmp_path):
     assert got[-1][2]["epoch"] >= 2  # the stream is infinite: 40 batches run past one epoch of this corpus
 
 
-def test_exact_resume_across_file_and_epoch(tmp_path, tiny_tokenizer):
+def test_split_docs_packs_pieces_like_documents(tmp_path):
+    """split_docs=True: long documents become BOS-first pieces of <= T+1 tokens, packed exactly like the reference
+    packer packs documents; far fewer tokens are cropped away; concatenated pieces give back the document."""
+    bos, T = 256, 16
+    for n in (1, 17, 18, 33, 34, 35, 80):
+        tok = np.array([bos] + list(range(n - 1)), dtype=np.int64)
+        pieces = dataloader.split_pieces(tok, T, bos)
+        assert all(len(p) <= T + 1 and p[0] == bos for p in pieces)
+        assert np.concatenate([pieces[0]] + [p[1:] for p in pieces[1:]]).tolist() == tok.tolist()
+        assert len(pieces) == (1 if n <= T + 1 else 1 + -(-(n - T - 1) // T))
+    data, docs = write_char_corpus(tmp_path / "corpus")
+    tok = CharTokenizer()
+    B, buffer_size, chunk, n = 3, 6, 4, 40
+    chunks = []
+    for f, rgs in enumerate(LAYOUT[:-1]):
+        for g, cnt in enumerate(rgs):
+            for s in range(0, cnt, chunk):
+                chunks.append([p.tolist() for d in range(s, min(s + chunk, cnt))
+                               for p in dataloader.split_pieces(np.array(tok.encode(docs[(f, g, d)], prepend=bos)),
+                                                                T, bos)])
+    expected, ref_cropped = reference_batches(chunks, B, T, buffer_size, n)
+    loader = dataloader.DistributedBestFitLoader(tok, B, T, "train", data_dir=data, buffer_size=buffer_size,
+                                                 tokenizer_batch_size=chunk, rank=0, world_size=1, split_docs=True)
+    got = take(iter(loader), n)
+    for (x, y, _), rows in zip(got, expected):
+        assert torch.cat([x, y[:, -1:]], dim=1).tolist() == rows
+    stats = loader.stats
+    assert stats["pieces"] > 0 and stats["cropped_tokens"] == ref_cropped
+    cropping = dataloader.DistributedBestFitLoader(tok, B, T, "train", data_dir=data, buffer_size=buffer_size,
+                                                   tokenizer_batch_size=chunk, rank=0, world_size=1)
+    take(iter(cropping), n)
+    assert stats["crop_fraction"] < 0.5 * cropping.stats["crop_fraction"]
+
+
+@pytest.mark.parametrize("split_docs", [False, True])
+def test_exact_resume_across_file_and_epoch(tmp_path, tiny_tokenizer, split_docs):
     data = write_word_corpus(tmp_path / "corpus")
-    kw = dict(B=2, T=32, split="train", data_dir=data, buffer_size=8, tokenizer_threads=2, tokenizer_batch_size=3)
+    kw = dict(B=2, T=32, split="train", data_dir=data, buffer_size=8, tokenizer_threads=2, tokenizer_batch_size=3,
+              split_docs=split_docs)
     N = 70
     straight = take(pretrain_batches(tiny_tokenizer, **kw), N)
     states = [s for _, _, s in straight]
@@ -162,6 +200,14 @@ def test_exact_resume_across_file_and_epoch(tmp_path, tiny_tokenizer):
     x, y, _ = take(pretrain_batches(tiny_tokenizer, resume_state=json.loads(json.dumps(gathered)), **kw), 1)[0]
     assert torch.equal(x, straight[10][0]) and torch.equal(y, straight[10][1])
     assert len(json.dumps(states[-1])) < 2000  # small enough for checkpoint meta
+    if split_docs:  # pieces of one document are resumed mid-document, from the buffer refs
+        assert any(r[3] > 0 for st in states for r in st["buffer"])
+    else:  # a version-1 state (refs [f, g, d], no split_docs) written before pieces existed still resumes
+        old = json.loads(json.dumps(states[9]))
+        old["version"], old["buffer"] = 1, [r[:3] for r in old["buffer"]]
+        del old["split_docs"], old["stats"]["pieces"]
+        x, y, _ = take(pretrain_batches(tiny_tokenizer, resume_state=old, **kw), 1)[0]
+        assert torch.equal(x, straight[10][0]) and torch.equal(y, straight[10][1])
 
 
 def test_state_mismatches_are_clear(tmp_path):
