@@ -16,6 +16,7 @@ are skipped, so an interrupted sweep continues. A human table and a final JSON l
 
     python bench/cpu_sweep.py --data-dir /work/shared/data/pretrain                  # default grid, 15 min each
     python bench/cpu_sweep.py --data-dir /work/shared/data/pretrain --axes depth,total_batch --budget-s 360
+    python bench/cpu_sweep.py --data-dir /work/shared/data/pretrain --axes depth --axis depth=2,3,4
     python bench/cpu_sweep.py --budget-s 20 --grid small --data-dir /tmp/tiny/pretrain --work-dir /tmp/sweep  # smoke
     PICOCHAT_MIRROR=../shared/data python bench/cpu_sweep.py     # shards downloaded into <work-dir>/data
     python bench/cpu_sweep.py --dry-run                          # print the settings and exit
@@ -224,6 +225,8 @@ def main(argv=None):
     p.add_argument("--grid", choices=sorted(GRIDS), default="default")
     p.add_argument("--mode", choices=["oat", "full"], default="oat", help="one axis at a time, or the full product")
     p.add_argument("--axes", default=None, help="comma list: only sweep these axes (default: all of the grid's)")
+    p.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
+                   help="replace one axis's values, e.g. --axis depth=2,3,4 (repeatable)")
     p.add_argument("--work-dir", default=None, help="default $PICOCHAT_HOME/cpu_sweep (or ~/.cache/picochat/...)")
     p.add_argument("--data-dir", default=None, help="directory of parquet shards (last = val); default: download")
     p.add_argument("--num-shards", type=int, default=4, help="train shards to download without --data-dir")
@@ -234,6 +237,12 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     grid = GRIDS[args.grid]
+    for spec in args.axis:
+        name, _, values = spec.partition("=")
+        if name not in grid["axes"] or not values:
+            raise SystemExit(f"error: --axis {spec!r}: expected NAME=V1,V2 with NAME one of {sorted(grid['axes'])}")
+        kind = type(grid["base"][name])
+        grid = {**grid, "axes": {**grid["axes"], name: [kind(v) for v in values.split(",")]}}
     todo = settings(grid, args.mode, args.axes.split(",") if args.axes else None)
     if args.dry_run:
         for s in todo:

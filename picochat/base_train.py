@@ -238,6 +238,25 @@ def horizon_for_budget(budget_s, elapsed_s, step, step_s, eval_s, eval_every):
     return step + max(1, int(left / per_step))
 
 
+def budget_refine_step(probe_end, n, warmdown_ratio):
+    """--max-time-s re-measures the step time once, later and over a longer window: the first steps run slower
+    (allocator warm-up, the loader filling its buffer on the same cores: ~20% on 2 CPU cores) and would leave
+    that much of the budget unused. The refit must land before the warmdown starts, where the LR multiplier does
+    not depend on the horizon yet, so the schedule already followed stays the schedule of the final horizon.
+    Returns the step to refit at, or None when the run is too short for one."""
+    at = probe_end + max(2 * BUDGET_PROBE_STEPS, n // 10)
+    return at if at < (1 - warmdown_ratio) * n else None
+
+
+def _agree(n: int) -> int:
+    """Every rank must use the same horizon (their clocks differ): the smallest one."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([n], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        n = int(t.item())
+    return n
+
+
 def print_table(rows):
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -410,6 +429,7 @@ def main(argv=None):
     timed_steps_this_run, timed_time_this_run = 0, 0.0  # for the mean MFU of the report
     probe_dts, eval_cost = [], 0.0  # --max-time-s: measured step and val-eval times
     probe_end = step + BUDGET_PROBE_STEPS
+    refine_at = None  # set when the horizon is first fixed (only in the process that fixed it)
     if budget_pending:
         num_iterations = 10 ** 9  # provisional: warmup / constant LR until the horizon is fixed at probe_end
         if args.core_metric_every > 0 or args.sample_every > 0:
@@ -515,15 +535,23 @@ def main(argv=None):
 
         # -- --max-time-s: fix the horizon once the first steps have been timed --
         probe_dts.append(dt)
-        if budget_pending and step + 1 >= probe_end:
-            step_s = sorted(probe_dts[1:])[len(probe_dts[1:]) // 2]  # median, without the warm-up step
-            num_iterations = horizon_for_budget(args.max_time_s, time.time() - t_start, step + 1, step_s,
-                                                eval_cost, args.eval_every)
+        fit = budget_pending and step + 1 >= probe_end
+        refit = refine_at is not None and step + 1 == refine_at
+        if fit or refit:
+            window = probe_dts[1:] if fit else probe_dts[BUDGET_PROBE_STEPS:]  # without the warm-up step
+            step_s = sorted(window)[len(window) // 2]  # median
+            n = horizon_for_budget(args.max_time_s, time.time() - t_start, step + 1, step_s, eval_cost,
+                                   args.eval_every)
+            if refit:  # keep the schedule followed so far: the refit point must stay before the warmdown
+                n = max(n, math.ceil(refine_at / (1 - args.warmdown_ratio)) + 1)
+            num_iterations = _agree(n)
+            refine_at = budget_refine_step(step + 1, num_iterations, args.warmdown_ratio) if fit else None
             budget_pending = False
             d.update(num_iterations=num_iterations, horizon="--max-time-s", total_tokens=total_batch * num_iterations,
                      total_flops=d["flops_per_token"] * total_batch * num_iterations)
             print0(f"--max-time-s {args.max_time_s:.0f}: {step_s * 1000:.1f} ms/step, val eval {eval_cost:.1f}s, "
-                   f"{time.time() - t_start:.1f}s spent -> horizon {num_iterations:,} iterations")
+                   f"{time.time() - t_start:.1f}s spent -> horizon {num_iterations:,} iterations"
+                   + (" (refit)" if refit else f" (refit at step {refine_at})" if refine_at else ""))
 
         # -- GC: freeze what exists after the first step, then collect rarely (avoids ~500 ms pauses) --
         if first_step_of_process:

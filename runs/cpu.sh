@@ -4,7 +4,7 @@
 #
 #   PICOCHAT_MIRROR=../shared/data bash runs/cpu.sh     # offline, from a local mirror (or an http(s) URL)
 #   bash runs/cpu.sh                                    # downloads ClimbMix shards and the eval data
-#   DEPTH=6 BASE_ITERS=2000 bash runs/cpu.sh            # any size knob below is an environment variable
+#   DEPTH=4 BASE_TIME_S=1800 bash runs/cpu.sh           # any size knob below is an environment variable
 #
 # Re-running it continues where it stopped: finished stages are skipped (tokenizer present, final
 # checkpoint present, eval result file present) and an interrupted base-train / chat-sft resumes from its
@@ -16,12 +16,18 @@
 # (the embedding/unembedding dominate a tiny model's FLOPs), a shallow model, short sequences, full-length
 # attention (window pattern L: SDPA on CPU has no native sliding window, masks would cost more) and small batches give many more
 # optimizer steps, which is what a tiny budget needs.
-# Rough budget (2 cores, measured on a busy machine, so approximate): d3 / vocab 4096 / seq 256 trains at
-# ~6K tok/s, so 1000 steps of 4096 tokens ~ 12 min; base-eval ~4 min; SFT 300 steps ~4 min; the rest ~3 min.
-# At ~1e13 FLOPs the compute-optimal model is tiny (~1M scaling params), hence d3 (width 192).
-# PROVISIONAL: these defaults are educated guesses; the final values come from the measured sweep
-# (bench/cpu_sweep.py: val bpb reached in 15 min vs depth/vocab/seq/batch/warmup/LR, recorded in
-# dev/BENCH.md) and must be updated from it.
+# The defaults below are the best point of a measured sweep (bench/cpu_sweep.py, 6-minute base-train budgets
+# on this 2-core box, dev/BENCH.md 2026-11-23 session 2): val bpb after 6 min was d2 1.716 < d3 1.802 < d4
+# 1.957 (fewer, faster steps win at ~1e13 FLOPs); 4096-token batches beat 2048 (1.802 vs 1.870: half the
+# rows per matmul costs more than the extra steps give); 2x the LRs gave 1.783 at d3 (untested at d2, so
+# not taken). SPLIT_DOCS=1 against the measurement: at 6 min cropping scored better (1.747 vs 1.802 at d3), but
+# the val bpb (reference packing) only sees the first 256 tokens of each document, the very text a cropping
+# run trains on, and a 20-minute cropping run at d2 would repeat those ~1M distinct tokens per epoch ~15
+# times (the first demo's val bpb went flat from step 600 with train 1.35 vs val 1.77); split pieces cover
+# the whole corpus without repeating. Caveat: the sweep ranked settings at 6 minutes and this script trains
+# for 20, where the optimum moves towards larger models (d3 may catch up).
+# Rough wall clock on 2 cores: data + tokenizer 0.5 min, base-train 20 min (BASE_TIME_S), base-eval ~2 min,
+# SFT 300 steps ~3 min, chat-eval ~1 min: ~27 min.
 # A re-run with different knobs in the same PICOCHAT_HOME keeps the old report sections: use a fresh
 # PICOCHAT_HOME (or `picochat report reset`) for a new run.
 set -euo pipefail
@@ -37,25 +43,27 @@ fi
 PYTHON="${PYTHON:-python}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 
-# --- size knobs (environment variables; provisional defaults pending the sweep) ----------------
+# --- size knobs (environment variables; defaults from the sweep above) ------------------------
 NUM_SHARDS="${NUM_SHARDS:-4}"                # train shards to download (+ the validation shard)
 VOCAB_SIZE="${VOCAB_SIZE:-4096}"             # tokenizer vocab, including the 9 special tokens
 MAX_CHARS="${MAX_CHARS:-50000000}"           # characters the tokenizer trains on
 FORCE_TOK="${FORCE_TOK:-0}"                  # 1 = retrain the tokenizer even if one exists
-DEPTH="${DEPTH:-3}"                          # transformer layers; width = DEPTH*ASPECT_RATIO
+DEPTH="${DEPTH:-2}"                          # transformer layers; width = DEPTH*ASPECT_RATIO
 ASPECT_RATIO="${ASPECT_RATIO:-64}"
 HEAD_DIM="${HEAD_DIM:-64}"
 SEQ_LEN="${SEQ_LEN:-256}"
 WINDOW_PATTERN="${WINDOW_PATTERN:-L}"
 DEVICE_BATCH="${DEVICE_BATCH:-16}"           # rows per forward/backward
 TOTAL_BATCH="${TOTAL_BATCH:-4096}"          # tokens per optimizer step (multiple of DEVICE_BATCH*SEQ_LEN)
-BASE_ITERS="${BASE_ITERS:-1000}"             # pretraining optimizer steps
+BASE_TIME_S="${BASE_TIME_S:-1200}"           # pretraining wall-clock budget (start-up and val evals included)
+BASE_ITERS="${BASE_ITERS:-}"                 # or a fixed number of optimizer steps (overrides BASE_TIME_S)
+SPLIT_DOCS="${SPLIT_DOCS:-1}"                # 1 = cut long documents into row-sized pieces instead of cropping
 WARMUP_STEPS="${WARMUP_STEPS:-10}"
 LR_MULT="${LR_MULT:-1}"                      # multiplies base-train's default LRs (before its batch scaling)
-BASE_EVAL_EVERY="${BASE_EVAL_EVERY:-200}"    # val bpb interval during pretraining
+BASE_EVAL_EVERY="${BASE_EVAL_EVERY:-500}"    # val bpb interval during pretraining
 BASE_EVAL_TOKENS="${BASE_EVAL_TOKENS:-65536}"
 SAMPLE_EVERY="${SAMPLE_EVERY:--1}"           # base-eval prints samples at the end anyway
-SAVE_EVERY="${SAVE_EVERY:-200}"              # intermediate checkpoints, so an interrupted run resumes
+SAVE_EVERY="${SAVE_EVERY:-500}"              # intermediate checkpoints, so an interrupted run resumes
 KEEP_LAST="${KEEP_LAST:-2}"
 EVAL_BATCH="${EVAL_BATCH:-$DEVICE_BATCH}"    # base-eval batch (bpb rows, CORE examples)
 SPLIT_TOKENS="${SPLIT_TOKENS:-131072}"       # tokens per split for base-eval bpb
@@ -84,6 +92,19 @@ run_stage() {   # run_stage NAME command...   (prints the stage's elapsed time)
 }
 skip_stage() { echo "[cpu.sh] $1: skipped ($2)"; }
 step6() { printf "%06d" "$1"; }
+# the final step of a FINISHED run in checkpoint directory $1 (its last complete checkpoint reached the run's
+# horizon, which a --max-time-s run fixes only after its first steps), else nothing
+finished_step() {
+    "$PYTHON" - "$1" <<'PY'
+import sys
+from picochat import checkpoint as c
+d = sys.argv[1]
+s = c.find_last_step(d)
+m = c.read_meta(d, s) if s is not None else {}
+if s is not None and not m.get("budget_pending") and s >= m.get("num_iterations", float("inf")):
+    print(s)
+PY
+}
 lr() { awk -v a="$1" -v m="$LR_MULT" 'BEGIN{printf "%g", a*m}'; }
 # SFT inherits the base run's RAW LRs (its sqrt(B/2^19) batch scaling is not re-applied); at 2^19 tokens
 # raw = effective, but at a CPU batch the raw LRs would be ~10x the ones base-train actually used, so SFT
@@ -94,7 +115,9 @@ TAG="d$DEPTH"
 BASE_CKPT="$PICOCHAT_HOME/checkpoints/base/$TAG"
 SFT_CKPT="$PICOCHAT_HOME/checkpoints/sft/$TAG"
 echo "[cpu.sh] PICOCHAT_HOME=$PICOCHAT_HOME PICOCHAT_MIRROR=${PICOCHAT_MIRROR:-(none: public URLs)} threads=$OMP_NUM_THREADS"
-echo "[cpu.sh] $TAG vocab=$VOCAB_SIZE seq=$SEQ_LEN batch=$DEVICE_BATCH/$TOTAL_BATCH base_iters=$BASE_ITERS sft_iters=$SFT_ITERS"
+BASE_HORIZON="${BASE_TIME_S}s"; [[ -n "$BASE_ITERS" ]] && BASE_HORIZON="$BASE_ITERS steps"
+echo "[cpu.sh] $TAG vocab=$VOCAB_SIZE seq=$SEQ_LEN batch=$DEVICE_BATCH/$TOTAL_BATCH base=$BASE_HORIZON" \
+     "split_docs=$SPLIT_DOCS sft_iters=$SFT_ITERS"
 
 # a new run starts a new report card; a re-run keeps the sections of the stages it skips
 if [[ ! -f "$PICOCHAT_HOME/report/environment.json" ]]; then
@@ -125,20 +148,25 @@ else
 fi
 
 # --- pretraining --------------------------------------------------------------------------------
-if [[ -f "$BASE_CKPT/meta_$(step6 "$BASE_ITERS").json" ]]; then
-    skip_stage base-train "final checkpoint $BASE_CKPT step $BASE_ITERS exists"
+BASE_STEP=$(finished_step "$BASE_CKPT")
+if [[ -n "$BASE_STEP" ]]; then
+    skip_stage base-train "final checkpoint $BASE_CKPT step $BASE_STEP exists"
 else
+    if [[ -n "$BASE_ITERS" ]]; then horizon=(--num-iterations "$BASE_ITERS"); else horizon=(--max-time-s "$BASE_TIME_S"); fi
+    split=(); [[ "$SPLIT_DOCS" == 1 ]] && split=(--split-docs)
     run_stage base-train picochat base-train --run "$WANDB_RUN" --device-type cpu \
         --depth "$DEPTH" --aspect-ratio "$ASPECT_RATIO" --head-dim "$HEAD_DIM" --max-seq-len "$SEQ_LEN" \
         --window-pattern "$WINDOW_PATTERN" --device-batch-size "$DEVICE_BATCH" --total-batch-size "$TOTAL_BATCH" \
-        --num-iterations "$BASE_ITERS" --warmup-steps "$WARMUP_STEPS" \
+        "${horizon[@]}" "${split[@]}" --warmup-steps "$WARMUP_STEPS" \
         --embedding-lr "$(lr 0.3)" --unembedding-lr "$(lr 0.008)" --matrix-lr "$(lr 0.02)" --scalar-lr "$(lr 0.5)" \
         --eval-every "$BASE_EVAL_EVERY" --eval-tokens "$BASE_EVAL_TOKENS" --core-metric-every -1 \
         --sample-every "$SAMPLE_EVERY" --save-every "$SAVE_EVERY" --keep-last "$KEEP_LAST" \
         --model-tag "$TAG" --resume auto
+    BASE_STEP=$(finished_step "$BASE_CKPT")
+    [[ -n "$BASE_STEP" ]] || { echo "[cpu.sh] error: base-train exited without a final checkpoint in $BASE_CKPT" >&2; exit 1; }
 fi
-if [[ -f "$PICOCHAT_HOME/base_eval/${TAG}_$(step6 "$BASE_ITERS").csv" ]]; then
-    skip_stage base-eval "base_eval/${TAG}_$(step6 "$BASE_ITERS").csv exists"
+if [[ -f "$PICOCHAT_HOME/base_eval/${TAG}_$(step6 "$BASE_STEP").csv" ]]; then
+    skip_stage base-eval "base_eval/${TAG}_$(step6 "$BASE_STEP").csv exists"
 else
     run_stage base-eval picochat base-eval --device-type cpu --model-tag "$TAG" --eval core,bpb,sample \
         --device-batch-size "$EVAL_BATCH" --split-tokens "$SPLIT_TOKENS" --max-per-task "$CORE_MAX_PER_TASK" \

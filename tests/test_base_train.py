@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -175,6 +176,20 @@ def test_kill_and_resume_is_bitwise_exact_then_base_eval(tiny_home, request):
     assert "val bpb" in out
 
 
+def test_budget_refit_keeps_the_schedule():
+    """The refit step lies before the warmdown of both the first and the refit horizon, so the LR multiplier of
+    every step already taken is the same under either horizon."""
+    from picochat.base_train import budget_refine_step, lr_multiplier
+    for n in [40, 100, 479, 1153, 10_000]:
+        at = budget_refine_step(10, n, 0.65)
+        if at is None:
+            assert n < 100
+            continue
+        for n2 in [math.ceil(at / 0.35) + 1, n, 2 * n]:
+            assert [lr_multiplier(s, n, 10, 0.65, 0.05) for s in range(at + 1)] == \
+                   [lr_multiplier(s, n2, 10, 0.65, 0.05) for s in range(at + 1)]
+
+
 def test_horizon_for_budget_fits_the_wall_clock():
     """The chosen horizon's simulated wall time (steps + periodic and final val evals) fits the budget, and
     one more step's worth of training would not have fitted by much."""
@@ -187,3 +202,33 @@ def test_horizon_for_budget_fits_the_wall_clock():
         assert simulated <= 0.98 * budget + 1e-9
         assert simulated >= 0.95 * 0.98 * budget  # and it does not leave much of the budget unused
     assert horizon_for_budget(10, 100, 10, 1.0, 0.0, -1) == 11  # over budget already: one more step, never zero
+
+
+def test_time_budget_run_with_split_docs(tiny_home):
+    """--max-time-s fixes the horizon after its timed first steps, finishes within the budget, and leaves a final
+    checkpoint that says so (what runs/cpu.sh's finished_step reads); a re-run has nothing to do."""
+    import time
+    budget = 15
+    flags = [f for f in TRAIN]
+    i = flags.index("--num-iterations")
+    del flags[i:i + 2]
+    flags[flags.index("--save-every") + 1] = "-1"
+    cmd = [sys.executable, "-m", "picochat", "base-train", *flags, "--max-time-s", str(budget), "--split-docs",
+           "--data-dir", str(tiny_home / "shards"), "--model-tag", "budget", "--resume", "auto"]
+    t0 = time.time()
+    p = subprocess.run(cmd, env=_env(tiny_home), capture_output=True, text=True, cwd=REPO)
+    wall = time.time() - t0
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    fits = re.findall(r"--max-time-s 15: .* -> horizon ([\d,]+) iterations( \(refit\))?", out)
+    assert len(fits) == 2 and fits[1][1], out  # fixed after the probe steps, then refit once, before the warmdown
+    horizon = int(fits[1][0].replace(",", ""))
+    assert horizon > 10  # more than the timed probe steps
+    assert wall < 1.5 * budget, f"{wall:.1f}s for a {budget}s budget\n{out}"
+    ckdir = tiny_home / "checkpoints" / "base" / "budget"
+    meta = json.loads((ckdir / f"meta_{horizon:06d}.json").read_text())
+    assert meta["num_iterations"] == horizon and not meta.get("budget_pending")
+    assert meta["dataloader_state"]["ranks"][0]["split_docs"] is True
+    assert [r[0] for r in _metrics(tiny_home, "budget")][-1] == horizon
+    p = subprocess.run(cmd, env=_env(tiny_home), capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0 and "nothing to do" in p.stdout + p.stderr, p.stdout + p.stderr
