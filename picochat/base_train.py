@@ -75,7 +75,8 @@ def build_parser():
     a("--num-iterations", type=int, default=-1)
     a("--max-time-s", type=float, default=-1.0,
       help="wall-clock budget of the whole command (start-up, evals and the final save included): the horizon is "
-           f"set after the first {BUDGET_PROBE_STEPS} steps from their measured speed (overrides the other horizons)")
+           f"set after the first {BUDGET_PROBE_STEPS} steps from their measured speed and refit once before the "
+           f"warmdown (overrides the other horizons)")
     a("--target-flops", type=float, default=-1.0)
     a("--target-param-data-ratio", type=float, default=12.0)
     # batch
@@ -398,7 +399,8 @@ def main(argv=None):
         ("learning rates", f"matrix {args.matrix_lr * s:.5g}, embedding {args.embedding_lr * s:.5g}, "
                            f"unembedding {args.unembedding_lr * s:.5g}, scalar {args.scalar_lr * s:.5g}"),
         ("Muon weight decay", f"{d['weight_decay']:.5g} = {args.weight_decay} x sqrt(B/B_ref) x N_ref/N"),
-        ("horizon", f"{num_iterations:,} iterations (from {d['horizon']})"),
+        ("horizon", f"set by --max-time-s {args.max_time_s:g} after the first {BUDGET_PROBE_STEPS} steps"
+                    if budget_pending else f"{num_iterations:,} iterations (from {d['horizon']})"),
         ("tokens", f"{d['total_tokens']:,} (tokens:params {d['total_tokens'] / d['scaling_params']:.2f})"),
         ("total FLOPs", f"{d['total_flops']:.4e}"),
         ("peak FLOP/s", "unknown" if peak_flops is None else f"{peak_flops:.4e}" + (" (measured fp32 matmul)" if device_type == "cpu" else "")),

@@ -213,6 +213,7 @@ def test_time_budget_run_with_split_docs(tiny_home):
     i = flags.index("--num-iterations")
     del flags[i:i + 2]
     flags[flags.index("--save-every") + 1] = "-1"
+    flags[flags.index("--sample-every") + 1] = "-1"  # sampling is outside the budget
     cmd = [sys.executable, "-m", "picochat", "base-train", *flags, "--max-time-s", str(budget), "--split-docs",
            "--data-dir", str(tiny_home / "shards"), "--model-tag", "budget", "--resume", "auto"]
     t0 = time.time()
@@ -220,9 +221,16 @@ def test_time_budget_run_with_split_docs(tiny_home):
     wall = time.time() - t0
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
+    from picochat.base_train import budget_refine_step
     fits = re.findall(r"--max-time-s 15: .* -> horizon ([\d,]+) iterations( \(refit\))?", out)
-    assert len(fits) == 2 and fits[1][1], out  # fixed after the probe steps, then refit once, before the warmdown
-    horizon = int(fits[1][0].replace(",", ""))
+    first = int(fits[0][0].replace(",", ""))
+    # fixed after the probe steps, then refit once before the warmdown when the first horizon leaves room for it
+    # (on a slow machine start-up eats the budget and the run is too short for a refit)
+    if budget_refine_step(10, first, 0.65) is not None:
+        assert len(fits) == 2 and fits[1][1] and not fits[0][1], out
+    else:
+        assert len(fits) == 1, out
+    horizon = int(fits[-1][0].replace(",", ""))
     assert horizon > 10  # more than the timed probe steps
     assert wall < 1.5 * budget, f"{wall:.1f}s for a {budget}s budget\n{out}"
     ckdir = tiny_home / "checkpoints" / "base" / "budget"
