@@ -8,7 +8,9 @@ first steps and its val evaluation, then fixes the horizon (and so the LR schedu
 run's wall time is recorded next to the budget (`wall_s`, `over_budget_pct`) so a bad fit is visible.
 bpb is tokenizer-independent, so settings with different vocabularies compare directly; each vocabulary
 gets its own tokenizer, trained once into its own PICOCHAT_HOME (<work-dir>/vocab_<V>). The val bpb is
-measured with the reference's packing whatever split_docs says, so it compares across that axis too.
+measured with the reference's packing whatever split_docs says; that packing only sees document openings,
+the very text a cropping run trains on, so --whole-doc-bpb adds a val bpb over whole documents
+(val_bpb_split_docs, from base-eval --split-docs) to judge the split_docs axis fairly.
 
 Sweep modes: `oat` (default) varies one axis at a time around the base point (1 + sum(len(axis) - 1) runs);
 `full` runs the cartesian product. Results are JSON lines in <work-dir>/results.jsonl; settings already there
@@ -180,6 +182,20 @@ def read_run(home: Path, tag: str) -> dict:
             "tokens": derived.get("total_tokens")}
 
 
+def whole_doc_bpb(home: Path, env: dict, tag: str, device_batch: int, eval_tokens: int, data_dir: Path, log: Path):
+    """val bpb over whole documents (base-eval --split-docs) of the run's final checkpoint, or None.
+    base-train's val bpb crops like the reference, so it only sees document openings: the very text a cropping
+    (split_docs=0) run trains on. This second figure judges the split_docs axis without that bias."""
+    cmd = [sys.executable, "-m", "picochat", "base-eval", "--device-type", "cpu", "--eval", "bpb", "--split-docs",
+           "--model-tag", tag, "--device-batch-size", str(device_batch), "--split-tokens", str(eval_tokens),
+           "--data-dir", str(data_dir)]
+    rc, _ = run(cmd, env, log, timeout=1800)
+    section = home / "report" / "base-evaluation.json"
+    if rc != 0 or not section.exists():
+        return None
+    return json.loads(section.read_text())["data"].get("val_bpb_split_docs")
+
+
 def sweep_one(s, args, grid, data_dir, work) -> dict:
     home = ensure_tokenizer(s["vocab"], data_dir, args.max_chars or grid["max_chars"], work)
     env = make_env(home)
@@ -193,6 +209,8 @@ def sweep_one(s, args, grid, data_dir, work) -> dict:
     rc, wall = run(train_cmd(s, args.budget_s, db, eval_tokens, data_dir, tag_of(s)), env, log,
                    timeout=max(60.0, 3 * args.budget_s))
     res = read_run(home, tag_of(s)) if rc == 0 else {}
+    if res.get("step") and args.whole_doc_bpb:
+        res["val_bpb_split_docs"] = whole_doc_bpb(home, env, tag_of(s), db, eval_tokens, data_dir, log)
     if not args.keep_checkpoints:
         shutil.rmtree(home / "checkpoints" / "base" / tag_of(s), ignore_errors=True)
     if rc != 0 or not res.get("step"):
@@ -200,7 +218,8 @@ def sweep_one(s, args, grid, data_dir, work) -> dict:
     dts = res["dts"][1:] or res["dts"]  # the first step warms up allocators and caches
     step_s = statistics.median(dts)
     return {**rec, "num_iterations": res["step"], "tokens": res["tokens"], "scaling_params": res["scaling_params"],
-            "flops_per_token": res["flops_per_token"], "val_bpb": res["val_bpb"], "wall_s": round(wall, 2),
+            "flops_per_token": res["flops_per_token"], "val_bpb": res["val_bpb"],
+            "val_bpb_split_docs": res.get("val_bpb_split_docs"), "wall_s": round(wall, 2),
             "over_budget_pct": round(100 * (wall - args.budget_s) / args.budget_s, 1),
             "step_s": round(step_s, 4), "tok_per_s": round(s["total_batch"] / step_s)}
 
@@ -208,13 +227,14 @@ def sweep_one(s, args, grid, data_dir, work) -> dict:
 def print_table(records):
     cols = ["depth", "vocab", "seq_len", "total_batch", "warmup", "lr_mult", "split_docs", "num_iterations", "tokens",
             "tok_per_s",
-            "wall_s", "over_budget_pct", "val_bpb"]
+            "wall_s", "over_budget_pct", "val_bpb", "val_bpb_split_docs"]
     print("\n" + " ".join(f"{c:>14}" for c in cols))
     for r in sorted(records, key=lambda r: (r.get("val_bpb") is None, r.get("val_bpb") or 0)):
         cells = []
         for c in cols:
             v = r.get(c)
-            cells.append(f"{v:>14.4f}" if isinstance(v, float) and c == "val_bpb" else f"{'' if v is None else v:>14}")
+            cells.append(f"{v:>14.4f}" if isinstance(v, float) and c.startswith("val_bpb")
+                         else f"{'' if v is None else v:>14}")
         print(" ".join(cells) + (f"  ERROR: {r['error']}" if r.get("error") else ""))
 
 
@@ -233,6 +253,8 @@ def main(argv=None):
     p.add_argument("--max-chars", type=int, default=None, help="tokenizer training chars (default: the grid's)")
     p.add_argument("--eval-tokens", type=int, default=None, help="val tokens per evaluation (default: the grid's)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p.add_argument("--whole-doc-bpb", action="store_true",
+                   help="also measure val bpb over whole documents (base-eval --split-docs): val_bpb_split_docs")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
 
@@ -259,7 +281,8 @@ def main(argv=None):
         for line in results_path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                if not r.get("error") and r.get("budget_s") == args.budget_s:
+                if (not r.get("error") and r.get("budget_s") == args.budget_s
+                        and (r.get("val_bpb_split_docs") is not None or not args.whole_doc_bpb)):
                     done[r["key"]] = r
     data_dir = ensure_data(args, work)
     print(f"cpu sweep: {len(todo)} settings x {args.budget_s:.0f}s budget, {os.cpu_count()} CPUs, "

@@ -134,6 +134,10 @@ def build_parser():
     p.add_argument("--tasks", default=None, help="comma list of CORE task labels (default: all in core.yaml)")
     p.add_argument("--device-batch-size", type=int, default=32)
     p.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
+    p.add_argument("--split-docs", action="store_true",
+                   help="bpb over whole documents: cut long ones into row-sized pieces instead of cropping them "
+                        "(the reference crops, so its bpb only sees each document's opening; reported as "
+                        "train_bpb_split_docs / val_bpb_split_docs)")
     p.add_argument("--device-type", default="")
     p.add_argument("--bundle-dir", default=None, help="local CORE bundle directory (core.yaml, ...)")
     p.add_argument("--data-dir", default=None, help="parquet shards for bpb (default $PICOCHAT_HOME/data/climbmix)")
@@ -189,12 +193,14 @@ def main(argv=None):
         token_bytes = tokenizer.token_bytes().to(rt.device)  # the checkpoint's own tokenizer
         tokens_per_step = args.device_batch_size * T * rt.world_size
         steps = max(1, args.split_tokens // tokens_per_step)
+        suffix = "_split_docs" if args.split_docs else ""  # a different measurement gets a different name
         for split in ("train", "val"):
-            loader = pretrain_batches(tokenizer, args.device_batch_size, T, split, rt.device, data_dir=args.data_dir)
+            loader = pretrain_batches(tokenizer, args.device_batch_size, T, split, rt.device, data_dir=args.data_dir,
+                                      split_docs=args.split_docs)
             bpb = evaluate_bpb(model, loader, steps, token_bytes)
             del loader
-            print0(f"{split} bpb: {bpb:.6f}")
-            section[f"{split}_bpb"] = bpb
+            print0(f"{split} bpb{' (whole documents)' if args.split_docs else ''}: {bpb:.6f}")
+            section[f"{split}_bpb{suffix}"] = bpb
 
     if "core" in evals:
         labels = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
@@ -216,6 +222,10 @@ def main(argv=None):
 
     if rt.master:
         from picochat import report
+        # a partial re-run (say --eval bpb --split-docs) of the same checkpoint adds to its section, not replaces it
+        prev = report.load_sections().get("base-evaluation", {}).get("data", {})
+        if (prev.get("model_tag"), prev.get("step")) == (model_tag, step):
+            section = {**prev, **section}
         report.log_section("base-evaluation", section)
     compute_cleanup()
     return 0

@@ -578,7 +578,10 @@ def main(argv=None):
             pos = f" | epoch {consumed_state.get('epoch')} shard {consumed_state.get('file')} rg {consumed_state.get('row_group')}"
         lr_now = next(g["lr"] for g in optimizer.param_groups if g["kind"] == "muon") if any(
             g["kind"] == "muon" for g in optimizer.param_groups) else lrm
-        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.2f}%) | loss {debiased:.6f} | "
+        # a --max-time-s run has no horizon until its first steps are timed: show '?' rather than the placeholder
+        horizon = "?" if budget_pending else f"{num_iterations:05d} ({100 * step / num_iterations:5.2f}%)"
+        eta = None if budget_pending else eta
+        print0(f"step {step:05d}/{horizon} | loss {debiased:.6f} | "
                f"lrm {lrm:.2f} | dt {dt * 1000:.2f}ms | tok/sec {tok_per_sec:,} | mfu {format_mfu(mfu)}{pos} | "
                f"elapsed {(time.time() - t_start) / 60:.2f}m | "
                f"eta {'?' if eta is None else f'{eta / 60:.1f}m'}")

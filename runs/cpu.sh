@@ -16,18 +16,20 @@
 # (the embedding/unembedding dominate a tiny model's FLOPs), a shallow model, short sequences, full-length
 # attention (window pattern L: SDPA on CPU has no native sliding window, masks would cost more) and small batches give many more
 # optimizer steps, which is what a tiny budget needs.
-# The defaults below are the best point of a measured sweep (bench/cpu_sweep.py, 6-minute base-train budgets
-# on this 2-core box, dev/BENCH.md 2026-11-23 session 2): val bpb after 6 min was d2 1.716 < d3 1.802 < d4
-# 1.957 (fewer, faster steps win at ~1e13 FLOPs); 4096-token batches beat 2048 (1.802 vs 1.870: half the
-# rows per matmul costs more than the extra steps give); 2x the LRs gave 1.783 at d3 (untested at d2, so
-# not taken). SPLIT_DOCS=1 against the measurement: at 6 min cropping scored better (1.747 vs 1.802 at d3), but
-# the val bpb (reference packing) only sees the first 256 tokens of each document, the very text a cropping
-# run trains on, and a 20-minute cropping run at d2 would repeat those ~1M distinct tokens per epoch ~15
-# times (the first demo's val bpb went flat from step 600 with train 1.35 vs val 1.77); split pieces cover
-# the whole corpus without repeating. Caveat: the sweep ranked settings at 6 minutes and this script trains
-# for 20, where the optimum moves towards larger models (d3 may catch up).
-# Rough wall clock on 2 cores: data + tokenizer 0.5 min, base-train 20 min (BASE_TIME_S), base-eval ~2 min,
-# SFT 300 steps ~3 min, chat-eval ~1 min: ~27 min.
+# The defaults below come from measured sweeps (bench/cpu_sweep.py on this 2-core box; dev/BENCH.md):
+# - depth: at 6-minute budgets d2 1.716 < d3 1.802 < d4 1.957 val bpb; at the demo's 20 minutes d2 still
+#   beats d3 (1.614 vs 1.618, and 1.508 vs 1.526 over whole documents, with d3 given 13% more time).
+# - batch: 4096-token batches beat 2048 (1.802 vs 1.870 at d3): half the rows per matmul costs more than
+#   the extra steps give.
+# - LR_MULT=2: twice base-train's LRs gave -0.03 bpb at d2 (1.695 vs 1.722; 1.601 vs 1.631 over whole
+#   documents) and -0.02 at d3 (6-minute budgets; 4x is untested).
+# - SPLIT_DOCS=1: scored over whole documents (base-eval --split-docs), splitting beats cropping at d2
+#   (1.631 vs 1.668); the default val bpb crops like the reference, sees only each document's first row
+#   (the very text a cropping run trains on) and so favours cropping (1.722 vs 1.702). A cropping run
+#   would also repeat those openings ~15 times in 20 minutes.
+# Rough wall clock on 2 cores (measured 23m42s at LR_MULT=1): data + tokenizer 15 s, base-train 19 min
+# (BASE_TIME_S includes start-up and val evals; the horizon is fit to it), base-eval ~2 min, SFT 300 steps
+# ~2 min, chat-eval ~0.5 min.
 # A re-run with different knobs in the same PICOCHAT_HOME keeps the old report sections: use a fresh
 # PICOCHAT_HOME (or `picochat report reset`) for a new run.
 set -euo pipefail
@@ -59,7 +61,7 @@ BASE_TIME_S="${BASE_TIME_S:-1200}"           # pretraining wall-clock budget (st
 BASE_ITERS="${BASE_ITERS:-}"                 # or a fixed number of optimizer steps (overrides BASE_TIME_S)
 SPLIT_DOCS="${SPLIT_DOCS:-1}"                # 1 = cut long documents into row-sized pieces instead of cropping
 WARMUP_STEPS="${WARMUP_STEPS:-10}"
-LR_MULT="${LR_MULT:-1}"                      # multiplies base-train's default LRs (before its batch scaling)
+LR_MULT="${LR_MULT:-2}"                      # multiplies base-train's default LRs (before its batch scaling)
 BASE_EVAL_EVERY="${BASE_EVAL_EVERY:-500}"    # val bpb interval during pretraining
 BASE_EVAL_TOKENS="${BASE_EVAL_TOKENS:-65536}"
 SAMPLE_EVERY="${SAMPLE_EVERY:--1}"           # base-eval prints samples at the end anyway

@@ -174,6 +174,17 @@ def test_kill_and_resume_is_bitwise_exact_then_base_eval(tiny_home, request):
     accs = [float(r[1]) for r in rows[1:-1]]
     assert all(0.0 <= x <= 1.0 for x in accs)
     assert "val bpb" in out
+    # 5) bpb over whole documents (--split-docs): a differently named figure, so it never passes for the other
+    p = subprocess.run([sys.executable, "-m", "picochat", "base-eval", "--model-tag", "ref", "--eval", "bpb",
+                        "--split-docs", "--device-batch-size", "2", "--split-tokens", "128",
+                        "--data-dir", str(home / "shards"), "--device-type", "cpu"],
+                       env=_env(home), capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "val bpb (whole documents)" in p.stdout
+    data = json.loads((home / "report" / "base-evaluation.json").read_text())["data"]
+    assert 0 < data["val_bpb_split_docs"] < 20 and 0 < data["train_bpb_split_docs"] < 20
+    # ... added to the same checkpoint's section: step 4's CORE and cropped bpb are kept
+    assert "core_metric" in data and "val_bpb" in data and data["val_bpb"] != data["val_bpb_split_docs"]
 
 
 def test_budget_refit_keeps_the_schedule():
