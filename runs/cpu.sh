@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU demo: the whole pipeline on a laptop or a small CPU box, in about 30 minutes on 2 cores.
+# The CPU demo: the whole pipeline on a laptop or a small CPU box, in about 25 minutes on 2 cores.
 #   data -> tokenizer -> pretraining -> base eval (bpb + a CORE subset) -> SFT -> chat eval -> report
 #
 #   PICOCHAT_MIRROR=../shared/data bash runs/cpu.sh     # offline, from a local mirror (or an http(s) URL)
@@ -27,9 +27,9 @@
 #   (1.631 vs 1.668); the default val bpb crops like the reference, sees only each document's first row
 #   (the very text a cropping run trains on) and so favours cropping (1.722 vs 1.702). A cropping run
 #   would also repeat those openings ~15 times in 20 minutes.
-# Rough wall clock on 2 cores (measured 23m42s at LR_MULT=1): data + tokenizer 15 s, base-train 19 min
-# (BASE_TIME_S includes start-up and val evals; the horizon is fit to it), base-eval ~2 min, SFT 300 steps
-# ~2 min, chat-eval ~0.5 min.
+# Wall clock on 2 cores, measured (dev/BENCH.md): 25m15s in all. data + tokenizer 20 s, base-train 20 min
+# (BASE_TIME_S includes start-up and val evals; the horizon is fit to it), base-eval 1.7 min, SFT 300 steps
+# 2.3 min, chat-eval 0.5 min. Base val bpb 1.605 (1.499 over whole documents), SFT val bpb 1.69.
 # A re-run with different knobs in the same PICOCHAT_HOME keeps the old report sections: use a fresh
 # PICOCHAT_HOME (or `picochat report reset`) for a new run.
 set -euo pipefail
