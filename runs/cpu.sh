@@ -22,7 +22,7 @@
 # - batch: 4096-token batches beat 2048 (1.802 vs 1.870 at d3): half the rows per matmul costs more than
 #   the extra steps give.
 # - LR_MULT=2: twice base-train's LRs gave -0.03 bpb at d2 (1.695 vs 1.722; 1.601 vs 1.631 over whole
-#   documents) and -0.02 at d3 (6-minute budgets; 4x is untested).
+#   documents) and -0.02 at d3 (6-minute budgets); 4x gave another -0.01 at 6 minutes, untested at 20.
 # - SPLIT_DOCS=1: scored over whole documents (base-eval --split-docs), splitting beats cropping at d2
 #   (1.631 vs 1.668); the default val bpb crops like the reference, sees only each document's first row
 #   (the very text a cropping run trains on) and so favours cropping (1.722 vs 1.702). A cropping run
