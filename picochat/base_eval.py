@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 
-from picochat.common import get_base_dir, compute_init, compute_cleanup, print0, warn0, atomic_path, logger
+from picochat.common import get_base_dir, compute_init, fill_sized_defaults, compute_cleanup, print0, warn0, atomic_path, logger
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -125,15 +125,22 @@ def load_core_tasks(local_dir=None, labels=None):
 
 # -----------------------------------------------------------------------------
 
+# (CUDA, CPU/MPS) defaults: full CORE and 40 x 524,288 tokens per bpb split take hours on a CPU, so CPU and
+# MPS score a fixed subset (partial CORE says so wherever it is reported)
+SIZED = dict(max_per_task=(-1, 50), split_tokens=(40 * 524288, 131072))
+
 def build_parser():
     p = argparse.ArgumentParser(prog="picochat base-eval", description="Evaluate a base model checkpoint.")
     p.add_argument("--eval", default="core,bpb,sample", help="comma list of core, bpb, sample")
     p.add_argument("--model-tag", default=None)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: last complete)")
-    p.add_argument("--max-per-task", type=int, default=-1, help="CORE items per task (-1 = all)")
+    p.add_argument("--max-per-task", type=int, default=None,
+                   help=f"CORE items per task, -1 = all (default: all on CUDA, {SIZED['max_per_task'][1]} on CPU/MPS)")
     p.add_argument("--tasks", default=None, help="comma list of CORE task labels (default: all in core.yaml)")
     p.add_argument("--device-batch-size", type=int, default=32)
-    p.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
+    p.add_argument("--split-tokens", type=int, default=None,
+                   help=f"tokens per split for bpb (default: {SIZED['split_tokens'][0]:,} on CUDA, "
+                        f"{SIZED['split_tokens'][1]:,} on CPU/MPS)")
     p.add_argument("--split-docs", action="store_true",
                    help="bpb over whole documents: cut long ones into row-sized pieces instead of cropping them "
                         "(the reference crops, so its bpb only sees each document's opening; reported as "
@@ -165,6 +172,8 @@ def main(argv=None):
     if evals - {"core", "bpb", "sample"}:
         raise ValueError(f"--eval accepts core, bpb, sample; got {sorted(evals - {'core', 'bpb', 'sample'})}")
     rt = compute_init(args.device_type)
+    for line in fill_sized_defaults(args, rt.device_type, SIZED):
+        print0(line)
     model, tokenizer, meta = ckpt.load_model("base", rt.device, phase="eval", model_tag=args.model_tag,
                                              step=args.step)
     step = meta["step"]

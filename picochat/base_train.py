@@ -37,7 +37,7 @@ import torch.distributed as dist
 from picochat import __version__
 from picochat.common import (compute_init, compute_cleanup, print0, warn0, synchronize,
                              get_peak_flops, measure_cpu_matmul_peak, device_name, format_mfu, init_wandb,
-                             max_memory_allocated, barrier, process_start_time)
+                             max_memory_allocated, barrier, process_start_time, long_run_notice)
 from picochat import checkpoint as ckpt
 
 B_REF = 2 ** 19          # reference total batch size (tokens) at the d12 reference
@@ -304,6 +304,13 @@ def main(argv=None):
         from picochat.fp8 import resolve_fp8
         use_fp8 = resolve_fp8(True, device)  # CUDA SM90+ only; warns and returns False elsewhere
     wandb_run = init_wandb("picochat", args.run, vars(args), master)
+    if args.warmup_steps < 1 and args.resume is None and args.resume_from_step < 0:
+        # zero-initialised output projections make every block the identity at step 0, so the loss does not
+        # depend on the residual scalars and their gradient is rounding noise; AdamW's first step at full LR
+        # moves them by a whole LR unit in that noise's direction (in bf16 this flipped the residual stream's
+        # sign and the loss rose above uniform: dev/LOG.md). A few warmup steps keep that step small.
+        warn0("--warmup-steps 0 from scratch: the first AdamW step moves the residual scalars by a full LR in a "
+              "random direction (their gradient is pure rounding noise at init). Use at least a few warmup steps.")
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
@@ -376,7 +383,8 @@ def main(argv=None):
 
     # ---- MFU peak ----
     if device_type == "cpu":
-        peak_flops = measure_cpu_matmul_peak()  # the honest "peak" of this CPU (fp32 matmul)
+        # the honest "peak" of this CPU: a matmul in the dtype the run actually computes in
+        peak_flops = measure_cpu_matmul_peak(dtype=dtype if dtype == torch.bfloat16 else torch.float32)
     elif device_type == "cuda":
         peak_flops = get_peak_flops(device_name(device_type))
     else:
@@ -385,7 +393,7 @@ def main(argv=None):
     # ---- the derived table ----
     p = d["params"]
     print0(f"picochat {__version__} base-train: {model_tag}, {device_type} ({device_name(device_type)}), "
-           f"{rt.world_size} process(es), compute dtype {str(dtype).removeprefix('torch.')}")
+           f"{rt.world_size} process(es), compute dtype {str(dtype).removeprefix('torch.')} ({rt.dtype_reason})")
     print_table([
         ("model", f"depth {config.n_layer}, width {config.n_embd}, heads {config.n_head} x {config.n_embd // config.n_head}, "
                   f"seq {config.sequence_len}, windows {config.window_pattern}, vocab {vocab_size:,}"),
@@ -581,6 +589,11 @@ def main(argv=None):
         # a --max-time-s run has no horizon until its first steps are timed: show '?' rather than the placeholder
         horizon = "?" if budget_pending else f"{num_iterations:05d} ({100 * step / num_iterations:5.2f}%)"
         eta = None if budget_pending else eta
+        if timed_steps == 5 and eta is not None:
+            notice = long_run_notice(device_type, num_iterations - step - 1, total_training_time / timed_steps,
+                                     "pass --num-iterations or --max-time-s")
+            if notice:
+                warn0(notice)
         print0(f"step {step:05d}/{horizon} | loss {debiased:.6f} | "
                f"lrm {lrm:.2f} | dt {dt * 1000:.2f}ms | tok/sec {tok_per_sec:,} | mfu {format_mfu(mfu)}{pos} | "
                f"elapsed {(time.time() - t_start) / 60:.2f}m | "

@@ -24,7 +24,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from picochat.common import compute_init, compute_cleanup, print0, get_base_dir, atomic_write_json
+from picochat.common import compute_init, fill_sized_defaults, compute_cleanup, print0, get_base_dir, atomic_write_json
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 
@@ -153,6 +153,10 @@ def find_tag(source: str, model_tag=None) -> str:
     return model_tag or checkpoint.find_largest_model(stage_dir)
 
 
+# (CUDA, CPU/MPS) defaults: every problem of every task with 512-token answers takes hours on a CPU, so CPU and
+# MPS evaluate a fixed subset (ChatCORE over a subset is reported with its max_problems)
+SIZED = dict(max_new_tokens=(512, 256), max_problems=(-1, 100))
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="picochat chat-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,13 +164,17 @@ def main(argv=None):
                    help="which checkpoint stage to evaluate")
     p.add_argument("-a", "--task-name", type=str, default=None, help=f"tasks separated by '|' (default all: {'|'.join(ALL_TASKS)})")
     p.add_argument("-t", "--temperature", type=float, default=0.0)
-    p.add_argument("-m", "--max-new-tokens", type=int, default=512)
+    p.add_argument("-m", "--max-new-tokens", type=int, default=None,
+                   help=f"tokens per generative answer (default: {SIZED['max_new_tokens'][0]} on CUDA, "
+                        f"{SIZED['max_new_tokens'][1]} on CPU/MPS)")
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.add_argument("-k", "--top-k", type=int, default=50)
     p.add_argument("-b", "--batch-size", type=int, default=8, help="categorical batch size")
     p.add_argument("-g", "--model-tag", type=str, default=None)
     p.add_argument("-s", "--step", type=int, default=None)
-    p.add_argument("-x", "--max-problems", type=int, default=None, help="at most this many problems per task")
+    p.add_argument("-x", "--max-problems", type=int, default=None,
+                   help=f"at most this many problems per task, -1 = all (default: all on CUDA, "
+                        f"{SIZED['max_problems'][1]} on CPU/MPS)")
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     args = p.parse_args(argv)
 
@@ -179,6 +187,10 @@ def main(argv=None):
     from picochat import checkpoint
     from picochat.engine import Engine
     rt = compute_init(args.device_type)
+    for line in fill_sized_defaults(args, rt.device_type, SIZED):
+        print0(line)
+    if args.max_problems is not None and args.max_problems < 0:
+        args.max_problems = None  # -1 = every problem
     tag = find_tag(args.source, args.model_tag)
     model, tokenizer, meta = checkpoint.load_model(args.source, rt.device, phase="eval", model_tag=tag, step=args.step)
     step = meta.get("step", args.step)

@@ -31,8 +31,8 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from picochat.common import (compute_init, compute_cleanup, print0, init_wandb, get_base_dir, logger,
-                             synchronize, max_memory_allocated)
+from picochat.common import (compute_init, fill_sized_defaults, compute_cleanup, print0, init_wandb, get_base_dir, logger,
+                             synchronize, max_memory_allocated, long_run_notice)
 
 # -----------------------------------------------------------------------------
 # Best-fit packing loader with exact resume
@@ -173,6 +173,11 @@ def _inherit(meta, key, fallback):
             return v
     return fallback
 
+# (CUDA, CPU/MPS) defaults: the GPU recipe's evaluation sizes take hours on a CPU (40 x 524,288 val tokens alone
+# is ~20M tokens of forward passes), so CPU and MPS evaluate on small fixed subsets instead
+SIZED = dict(eval_tokens=(40 * 524288, 65536), chatcore_max_cat=(-1, 100), chatcore_max_sample=(24, 8),
+             chatcore_max_new_tokens=(512, 128))
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="picochat chat-sft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,11 +203,18 @@ def parse_args(argv):
     p.add_argument("--warmdown-ratio", type=float, default=0.5)
     p.add_argument("--final-lr-frac", type=float, default=0.0)
     p.add_argument("--eval-every", type=int, default=200, help="val bpb interval (-1 = off)")
-    p.add_argument("--eval-tokens", type=int, default=40 * 524288)
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help=f"val tokens per eval (default: {SIZED['eval_tokens'][0]:,} on CUDA, {SIZED['eval_tokens'][1]:,} on CPU/MPS)")
     p.add_argument("--chatcore-every", type=int, default=200, help="-1 = off")
-    p.add_argument("--chatcore-max-cat", type=int, default=-1, help="categorical problems per task (-1 = all)")
-    p.add_argument("--chatcore-max-sample", type=int, default=24, help="generative problems per task")
-    p.add_argument("--chatcore-max-new-tokens", type=int, default=512)
+    p.add_argument("--chatcore-max-cat", type=int, default=None,
+                   help="categorical problems per task, -1 = all (default: all on CUDA, "
+                        f"{SIZED['chatcore_max_cat'][1]} on CPU/MPS)")
+    p.add_argument("--chatcore-max-sample", type=int, default=None,
+                   help=f"generative problems per task (default: {SIZED['chatcore_max_sample'][0]} on CUDA, "
+                        f"{SIZED['chatcore_max_sample'][1]} on CPU/MPS)")
+    p.add_argument("--chatcore-max-new-tokens", type=int, default=None,
+                   help=f"tokens per generative answer (default: {SIZED['chatcore_max_new_tokens'][0]} on CUDA, "
+                        f"{SIZED['chatcore_max_new_tokens'][1]} on CPU/MPS)")
     p.add_argument("--save-every", type=int, default=-1, help="-1 = only at the end")
     p.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
     p.add_argument("--resume", type=str, default="", help="'auto' = last complete SFT checkpoint, or a step")
@@ -216,6 +228,8 @@ def main(argv=None):
     from picochat.tasks import build_mixture, DEFAULT_SFT_MIXTURE, DEFAULT_VAL_MIXTURE
     rt = compute_init(args.device_type)
     device, master = rt.device, rt.master
+    for line in fill_sized_defaults(args, rt.device_type, SIZED):
+        print0(line)
     wandb_run = init_wandb("picochat-sft", args.run, vars(args), master)
 
     # --- model and inherited hyperparameters
@@ -390,6 +404,11 @@ def main(argv=None):
         step += 1
         if step > 10:
             loop["train_time"] += dt
+        if step == 5 and master:  # say early when one epoch (the default horizon) will take hours
+            steps_total = num_iterations if num_iterations > 0 else step / max(progress_of(step), 1e-9)
+            notice = long_run_notice(rt.device_type, steps_total - step, dt, "pass --num-iterations")
+            if notice:
+                logger.warning(notice)
         if n_tokens > 0:
             loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss   # EMA, debiased below
             loop["ema_steps"] += 1

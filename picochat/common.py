@@ -107,18 +107,103 @@ def autodetect_device_type() -> str:
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
            "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
-def compute_dtype_for(device_type: str) -> torch.dtype:
-    """The ONE compute dtype for activations. Master weights always stay fp32.
-    bf16 on CUDA SM80+, fp32 elsewhere (pre-Ampere has no fast bf16; CPU bf16 matmuls are slow);
-    PICOCHAT_DTYPE overrides (e.g. bf16 on MPS to save memory, fp16 + GradScaler on V100/T4)."""
+def cpu_bf16_instructions() -> str:
+    """The native bf16 matrix instructions this CPU has ('' if none): AMX tiles or AVX512-BF16 on x86 (torch's own
+    cpuinfo probe), the ARMv8.6 BF16 extension on aarch64 (the kernel's feature flags)."""
+    cpu = getattr(torch, "cpu", None)
+    if cpu is not None and getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx_bf16"
+    if cpu is not None and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("features") and " bf16" in f" {line.split(':', 1)[-1]} ":
+                    return "arm_bf16"
+    except OSError:
+        pass
+    return ""
+
+def probe_bf16_matmul_speedup(n: int = 512, seconds: float = 0.15) -> float:
+    """bf16 / fp32 matmul throughput on this CPU, timed alternately for about 2 x `seconds` (well under a second):
+    the instruction flag says the hardware can, this says torch's kernels actually do."""
+    import time
+    a32, b32 = torch.randn(n, n), torch.randn(n, n)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    a16 @ b16, a32 @ b32  # first calls pay for kernel selection / packing
+    deadline = time.perf_counter() + 2 * seconds
+    while time.perf_counter() < deadline:
+        for dt, (a, b) in ((torch.float32, (a32, b32)), (torch.bfloat16, (a16, b16))):
+            t0 = time.perf_counter()
+            a @ b
+            best[dt] = min(best[dt], time.perf_counter() - t0)
+    return best[torch.float32] / best[torch.bfloat16]
+
+BF16_MIN_SPEEDUP = 1.3  # below this bf16 buys too little on CPU to be worth its coarser rounding
+
+_DTYPE_DECISIONS = {}  # device_type -> (dtype, why), decided once per process
+
+def compute_dtype_decision(device_type: str) -> tuple[torch.dtype, str]:
+    """(the ONE compute dtype for activations, why). Master weights always stay fp32.
+    - PICOCHAT_DTYPE, when set, decides (e.g. bf16 on MPS to save memory, fp16 + GradScaler on V100/T4);
+    - CUDA: bf16 on SM80+ (native bf16 tensor cores), fp32 before;
+    - CPU: bf16 when the CPU has native bf16 matrix instructions AND a short probe shows torch's bf16 matmul
+      clearly faster than fp32 (without the instructions bf16 is emulated: ~20x SLOWER measured on Zen 3);
+    - MPS and anything else: fp32."""
     override = os.environ.get("PICOCHAT_DTYPE")
     if override:
         if override not in _DTYPES:
             raise ValueError(f"PICOCHAT_DTYPE={override!r} is not one of {sorted(set(_DTYPES))}")
-        return _DTYPES[override]
-    if device_type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
-        return torch.bfloat16
-    return torch.float32
+        return _DTYPES[override], f"PICOCHAT_DTYPE={override}"
+    if device_type not in _DTYPE_DECISIONS:
+        _DTYPE_DECISIONS[device_type] = _decide_dtype(device_type)
+    return _DTYPE_DECISIONS[device_type]
+
+def _decide_dtype(device_type: str) -> tuple[torch.dtype, str]:
+    if device_type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+            return torch.bfloat16, "CUDA SM80+ has bf16 tensor cores"
+        return torch.float32, "this CUDA GPU predates SM80 (no fast bf16)"
+    if device_type != "cpu":
+        return torch.float32, f"{device_type}: fp32 unless PICOCHAT_DTYPE says otherwise"
+    isa = cpu_bf16_instructions()
+    if not isa:
+        return torch.float32, "this CPU has no native bf16 matrix instructions (bf16 would be emulated, far slower)"
+    speedup = probe_bf16_matmul_speedup()
+    if speedup < BF16_MIN_SPEEDUP:
+        return torch.float32, (f"the CPU has {isa} but a bf16 matmul ran only {speedup:.2f}x fp32 here "
+                               f"(< {BF16_MIN_SPEEDUP}x)")
+    return torch.bfloat16, f"the CPU has {isa} and a bf16 matmul ran {speedup:.1f}x fp32 here"
+
+def compute_dtype_for(device_type: str) -> torch.dtype:
+    """The compute dtype alone (see compute_dtype_decision for the rule and the reason)."""
+    return compute_dtype_decision(device_type)[0]
+
+def fill_sized_defaults(args, device_type: str, table: dict) -> list[str]:
+    """Defaults sized for the device. `table` maps an argparse dest to (GPU value, CPU/MPS value); every arg
+    still None gets the figure for this device. The GPU recipe's figures (e.g. 40 x 524,288 eval tokens) take
+    hours on a CPU, so CPU and MPS get small ones; a flag the user passed is kept. Returns lines saying what
+    was chosen (stages print them)."""
+    small = device_type != "cuda"
+    chosen = []
+    for dest, (gpu_value, small_value) in table.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, small_value if small else gpu_value)
+            if small and small_value != gpu_value:
+                chosen.append(f"--{dest.replace('_', '-')} {small_value} (sized for {device_type}; GPU default {gpu_value})")
+    return chosen
+
+LONG_RUN_S = 3600  # off CUDA, a stage whose default horizon would run longer than this says so
+
+def long_run_notice(device_type: str, steps_left: float, step_s: float, how_to_shorten: str) -> str:
+    """'' or a one-line notice that the run will take long, measured from its first steps: defaults made for a
+    GPU node can take hours on a CPU, and a user should learn that after seconds, not after hours."""
+    total = steps_left * step_s
+    if device_type == "cuda" or total < LONG_RUN_S:
+        return ""
+    return (f"this run will take ~{total / 3600:.1f} h on {device_type} ({steps_left:,.0f} more steps at "
+            f"{step_s:.2f} s/step, evaluations not counted); {how_to_shorten} for a shorter run")
 
 @dataclass
 class Runtime:
@@ -129,6 +214,7 @@ class Runtime:
     device: torch.device
     device_type: str
     dtype: torch.dtype
+    dtype_reason: str = ""
 
     @property
     def master(self) -> bool:
@@ -159,8 +245,15 @@ def compute_init(device_type: str = "", seed: int = 42) -> Runtime:
         else:
             dist.init_process_group("gloo")
         dist.barrier()
-    return Runtime(ddp and world_size > 1, rank, local_rank, world_size, device, device_type,
-                   compute_dtype_for(device_type))
+    dtype, why = compute_dtype_decision(device_type)
+    if ddp and world_size > 1:
+        # the CPU rule includes a timing probe: every rank takes rank 0's answer so all compute alike
+        choices = [torch.float32, torch.bfloat16, torch.float16]
+        code = torch.tensor([choices.index(dtype)], device=device)
+        dist.broadcast(code, 0)
+        if choices[int(code)] != dtype:
+            dtype, why = choices[int(code)], f"rank 0's decision ({why} here)"
+    return Runtime(ddp and world_size > 1, rank, local_rank, world_size, device, device_type, dtype, why)
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
@@ -251,7 +344,8 @@ def get_peak_bandwidth(name: str):
     return _lookup(_PEAK_BANDWIDTH, name)
 
 def measure_cpu_matmul_peak(n: int = 1024, iters: int = 10, dtype=torch.float32) -> float:
-    """Measured fp32 matmul FLOP/s on this CPU: the honest 'peak' for CPU MFU."""
+    """Measured matmul FLOP/s on this CPU in `dtype` (fp32 by default): the honest 'peak' for CPU MFU, taken
+    in the dtype the run computes in (bf16 and fp32 peaks differ 3-4x on CPUs with native bf16)."""
     import time
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):

@@ -14,6 +14,11 @@ SHARED_DATA = Path(os.environ.get("PICOCHAT_SHARED_DATA", REPO.parent / "shared"
 # tiny models gain nothing from intra-op threads, and spinning OMP threads slow them badly when cores are busy
 torch.set_num_threads(1)
 
+# The suite computes in fp32 on every CPU: the automatic choice (bf16 on CPUs with native bf16 matrix
+# instructions) would make the same tests run in another precision on another machine. Tests of bf16 and of
+# the choice itself pass their dtype explicitly or mock the detection. Subprocess stages inherit this.
+os.environ.setdefault("PICOCHAT_DTYPE", "float32")
+
 # A little varied text for tiny in-process tokenizers: prose, digits, code, unicode.
 TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
