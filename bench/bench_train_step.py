@@ -61,9 +61,9 @@ def step(run, x, y, it, args, device_type):
     run["times"].append(time.perf_counter() - t0)
     run["losses"].append(loss.item())
 
-def peak_for(dtype, device_type):
+def peak_for(dtype, device_type, size=1024):
     if device_type == "cpu":
-        return measure_cpu_matmul_peak(dtype=dtype)
+        return measure_cpu_matmul_peak(n=size, dtype=dtype)
     return get_peak_flops(device_name(device_type)) or float("nan")
 
 def main(argv=None):
@@ -81,6 +81,7 @@ def main(argv=None):
     p.add_argument("--device-type", type=str, default="cpu", help="cpu|cuda|mps (empty = autodetect)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (off by default on CPU)")
     p.add_argument("--no-optim", action="store_true", help="time forward+backward only")
+    p.add_argument("--peak-size", type=int, default=1024, help="matrix size of the CPU matmul peak measurement")
     args = p.parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
     native_bf16 = device_type == "cuda" or (device_type == "cpu" and bool(cpu_bf16_instructions()))
@@ -88,7 +89,7 @@ def main(argv=None):
     isa = cpu_bf16_instructions() if device_type == "cpu" else ""
     print(f"device {device_name(device_type)} ({device_type}), threads {torch.get_num_threads()}, "
           f"native bf16: {isa or ('yes' if native_bf16 else 'no')}, dtypes {names}")
-    peaks = {n: peak_for(DTYPES[n], device_type) for n in names}
+    peaks = {n: peak_for(DTYPES[n], device_type, args.peak_size) for n in names}
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=gen).to(device_type)
@@ -111,7 +112,7 @@ def main(argv=None):
                              losses=[round(v, 4) for v in r["losses"]]))
         del runs
     if device_type == "cpu":  # a reading depressed by load must not inflate MFU: keep the highest
-        peaks = {n: max(peaks[n], peak_for(DTYPES[n], device_type)) for n in names}
+        peaks = {n: max(peaks[n], peak_for(DTYPES[n], device_type, args.peak_size)) for n in names}
     for r in rows:
         r["peak_flops"] = peaks[r["dtype"]]
         r["mfu"] = round(100 * r["flops_per_token"] * r["tok_per_s"] / peaks[r["dtype"]], 2)

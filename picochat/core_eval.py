@@ -14,14 +14,25 @@ max_per_task; item i draws its few-shot examples with random.Random(1234 + i) fr
 (possibly truncated) list; prompts are rendered as below with a blank line after each few-shot example;
 every prompt is encoded with BOS prepended; the batch is right-padded with BOS.
 
-Examples are strided across ranks and the correctness vector is all-reduced. Several examples' rows are
-packed into one forward pass (up to `batch_size` rows) for throughput.
+Examples are strided across ranks and the correctness vector is all-reduced.
+
+Two evaluators give the same per-item results (tests compare them item by item):
+  plain   any model returning (B, T, V) logits: each example's rows are right-padded and packed into forward
+          passes of up to `batch_size` rows; CE over every position, then the span is read off.
+  fast    a GPT (it has final_hidden/logits): the rows of a multiple-choice or schema example share their
+          opening (few-shot examples, the query), so that prefix runs ONCE at batch 1 into a KV cache that is
+          copied to every row, and only the differing suffixes run per row; the lm_head and the CE are
+          computed at the scored positions only (the (B, T, V) logits never exist); language-modelling
+          examples (one row each) are sorted by length before packing, so a batch pads little.
 """
 import random
 
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
+
+from picochat import common
+from picochat.gpt import KVCache
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
@@ -157,12 +168,12 @@ def _model_device(model):
         return torch.device("cpu")
 
 @torch.no_grad()
-def evaluate_task(model, tokenizer, data, task_meta, device=None, batch_size=32, max_len=None):
+def evaluate_task(model, tokenizer, data, task_meta, device=None, batch_size=32, max_len=None, per_item=False):
     """Accuracy of `model` on `data` (already prepared with prepare_task_data). Every rank returns the same
-    value. task_meta: {"task_type", "num_fewshot", "continuation_delimiter"}."""
-    from picochat.common import get_dist_info
+    value. task_meta: {"task_type", "num_fewshot", "continuation_delimiter"}. per_item: return the 0/1
+    correctness of every item instead."""
     device = device or _model_device(model)
-    _, rank, _, world = get_dist_info()
+    _, rank, _, world = common.get_dist_info()
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
     pad = tokenizer.get_bos_token_id()
     pending = []  # examples waiting for a forward pass: (idx, tokens, starts, ends, gold)
@@ -187,6 +198,89 @@ def evaluate_task(model, tokenizer, data, task_meta, device=None, batch_size=32,
         flush()
     if world > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    if per_item:
+        return correct.tolist()
+    return correct.mean().item() if len(data) else float("nan")
+
+# -----------------------------------------------------------------------------
+# The fast evaluator (GPT models)
+
+def _padded(rows, pad_id, device):
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids.to(device)
+
+@torch.no_grad()
+def span_scores(model, rows, starts, ends, pad_id, device, prefix=0):
+    """[(mean CE over the span, greedy argmax reproduces the span)] per row. The first `prefix` tokens, equal
+    in every row and before every span, are run once at batch 1 and shared through a KV cache."""
+    cfg = model.config
+    cache = None
+    if prefix > 0:
+        head_dim = cfg.n_embd // cfg.n_head
+        one = KVCache(1, cfg.n_kv_head, prefix, head_dim, cfg.n_layer, device, model.compute_dtype)
+        model.final_hidden(torch.tensor([rows[0][:prefix]], dtype=torch.long, device=device), kv_cache=one)
+        longest = max(len(r) for r in rows)
+        cache = KVCache(len(rows), cfg.n_kv_head, longest, head_dim, cfg.n_layer, device, model.compute_dtype)
+        cache.prefill(one)
+    hidden = model.final_hidden(_padded([r[prefix:] for r in rows], pad_id, device), kv_cache=cache)
+    # position j predicts token j+1: the span [s, e) is predicted from positions s-1 .. e-2
+    row_idx, pos_idx, targets, sizes = [], [], [], []
+    for k, (r, s, e) in enumerate(zip(rows, starts, ends)):
+        row_idx += [k] * (e - s)
+        pos_idx += range(s - 1 - prefix, e - 1 - prefix)
+        targets += r[s:e]
+        sizes.append(e - s)
+    logits = model.logits(hidden[torch.tensor(row_idx, dtype=torch.long), torch.tensor(pos_idx, dtype=torch.long)])
+    targets = torch.tensor(targets, dtype=torch.long, device=logits.device)
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    hit = logits.argmax(dim=-1) == targets
+    out = []
+    for ce_k, hit_k in zip(ce.split(sizes), hit.split(sizes)):
+        # an empty span (a choice that is a prefix of another) never wins
+        out.append((ce_k.mean().item() if len(ce_k) else float("inf"), bool(hit_k.all())))
+    return out
+
+SHARE_MIN_TOKENS = 32  # a shared opening shorter than this saves less than a separate batch-1 pass costs
+
+def _pick(task_type, scores, gold):
+    if task_type == "language_modeling":
+        return scores[0][1]
+    means = [m for m, _ in scores]
+    return min(range(len(means)), key=lambda k: means[k]) == gold  # first index wins ties
+
+@torch.no_grad()
+def evaluate_task_fast(model, tokenizer, data, task_meta, device=None, batch_size=32, max_len=None, per_item=False):
+    """evaluate_task for GPT models, with the same per-item results (see the module docstring)."""
+    device = device or _model_device(model)
+    _, rank, _, world = common.get_dist_info()
+    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    pad, task_type = tokenizer.get_bos_token_id(), task_meta["task_type"]
+    shared, packed = [], []  # (idx, tokens, starts, ends, gold, prefix)
+    for idx in range(rank, len(data), world):
+        toks, starts, ends, gold = build_example(idx, data, tokenizer, task_meta, max_len)
+        prefix = max(0, min(common_prefix_length(toks), min(starts) - 1)) if len(toks) > 1 else 0
+        (shared if prefix >= SHARE_MIN_TOKENS else packed).append((idx, toks, starts, ends, gold, prefix))
+    for idx, toks, starts, ends, gold, prefix in shared:
+        correct[idx] = float(_pick(task_type, span_scores(model, toks, starts, ends, pad, device, prefix), gold))
+    packed.sort(key=lambda ex: max(len(t) for t in ex[1]))  # similar lengths share a batch: little padding
+    batch = []
+    for i, ex in enumerate(packed):
+        batch.append(ex)
+        nxt = packed[i + 1] if i + 1 < len(packed) else None
+        if nxt is None or sum(len(e[1]) for e in batch) + len(nxt[1]) > batch_size:
+            scores = span_scores(model, [t for e in batch for t in e[1]], [s for e in batch for s in e[2]],
+                                 [x for e in batch for x in e[3]], pad, device)
+            for e in batch:
+                correct[e[0]] = float(_pick(task_type, scores[:len(e[1])], e[4]))
+                scores = scores[len(e[1]):]
+            batch = []
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    if per_item:
+        return correct.tolist()
     return correct.mean().item() if len(data) else float("nan")
 
 def centered(acc, random_baseline_percent):
@@ -200,7 +294,8 @@ def evaluate_core(model, tokenizer, tasks, max_per_task=-1, device=None, batch_s
     results, centered_results = {}, {}
     for t in tasks:
         data = prepare_task_data(t["data"], max_per_task)
-        acc = evaluate_task(model, tokenizer, data, t, device=device, batch_size=batch_size, max_len=max_len)
+        evaluate = evaluate_task_fast if hasattr(model, "final_hidden") else evaluate_task
+        acc = evaluate(model, tokenizer, data, t, device=device, batch_size=batch_size, max_len=max_len)
         results[t["label"]] = acc
         centered_results[t["label"]] = centered(acc, t["random_baseline"])
         if log:

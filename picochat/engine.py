@@ -243,6 +243,13 @@ class Engine:
             return self.model.get_device()
         return next(self.model.parameters()).device
 
+    def _last_logits(self, ids, kv_cache):
+        """Logits (B, V) of the last position only. A prefill of P tokens would otherwise run the lm_head (the
+        largest matrix of a small model) over all P positions and throw P-1 of them away."""
+        if hasattr(self.model, "final_hidden"):
+            return self.model.logits(self.model.final_hidden(ids, kv_cache=kv_cache)[:, -1, :])
+        return self.model.forward(ids, kv_cache=kv_cache)[:, -1, :]
+
     def run_tool(self, expr: str):
         """Calculator first; the sandbox (when enabled) for anything else. None = nothing to force."""
         result = use_calculator(expr)
@@ -276,7 +283,7 @@ class Engine:
         # 1) prefill once at batch 1
         kv_prefill = self._kv_cache(1, len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model.forward(ids, kv_cache=kv_prefill)[:, -1, :]
+        logits = self._last_logits(ids, kv_prefill)
         logits = logits.expand(num_samples, -1)  # every row samples its own first token below
         # 2) clone into the decode cache
         kv = self._kv_cache(num_samples, len(tokens) + max_tokens)
@@ -309,7 +316,7 @@ class Engine:
             if step + 1 == max_tokens or all(r.completed for r in rows):
                 break
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
-            logits = self.model.forward(ids, kv_cache=kv)[:, -1, :]
+            logits = self._last_logits(ids, kv)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """(results, masks): the ORIGINAL prompt + completion per sample, terminal tokens not appended;

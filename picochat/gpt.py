@@ -437,7 +437,9 @@ class GPT(nn.Module):
             return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
         return x + gate * torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def final_hidden(self, idx, kv_cache=None):
+        """The transformer body: token ids (B, T) -> the final normed hidden states (B, T, C) that the lm_head
+        reads. Evaluators that score only a few positions take these and call logits() on just those."""
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         if T0 + T > self.rotary_len:
@@ -456,15 +458,22 @@ class GPT(nn.Module):
                 x_backout = x
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = norm(x - self.backout_lambda.to(x.dtype) * x_backout)
+        return norm(x - self.backout_lambda.to(x.dtype) * x_backout)
 
+    def logits(self, x):
+        """Final hidden states (..., C) -> softcapped logits (..., vocab_size) in fp32 (or wider)."""
+        logits = self.lm_head(x)[..., :self.config.vocab_size]  # slice off the vocab padding
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= fp32 before the softcap
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.shape
+        x = self.final_hidden(idx, kv_cache)
         V = self.config.vocab_size
         if targets is not None and self._use_fused(x, loss_reduction):
             return _ChunkedSoftcapCE.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                            V, loss_reduction, FUSED_LOSS_CHUNK, torch.is_grad_enabled())
-        logits = self.lm_head(x)[..., :V]  # slice off the vocab padding
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= fp32 before the softcap
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        logits = self.logits(x)
         if targets is None:
             return logits
         if loss_reduction not in ("mean", "sum", "none"):

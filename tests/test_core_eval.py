@@ -189,3 +189,47 @@ def test_two_ranks_all_reduce(tmp_path):
         acc, bpb = map(float, (tmp_path / f"rank{r}.txt").read_text().split())
         assert acc == pytest.approx(3 / 4)
         assert bpb == pytest.approx(6 * math.log(8) / (math.log(2) * 14))
+
+# -----------------------------------------------------------------------------
+# The fast evaluator (shared prefix through a KV cache, logits at scored positions only) against the plain one
+
+@pytest.mark.parametrize("window_pattern,share_min", [("L", None), ("SL", None), ("L", 1), ("SL", 10 ** 9)])
+def test_fast_evaluator_same_items_as_plain_on_real_core_tasks(shared_data, tiny_tokenizer, window_pattern, share_min,
+                                                               monkeypatch):
+    """A few dozen items of every task type of the real CORE bundle, a tiny random GPT whose outputs vary:
+    the fast evaluator gets every item right or wrong exactly as the plain one does, whether an example's
+    opening is shared through the KV cache (share_min 1: every multi-row example) or its rows are packed
+    with other examples' (10**9: none shared)."""
+    from picochat import attention, core_eval
+    if share_min is not None:
+        monkeypatch.setattr(core_eval, "SHARE_MIN_TOKENS", share_min)
+    from picochat.base_eval import load_core_tasks
+    from picochat.core_eval import evaluate_task, evaluate_task_fast
+    from picochat.gpt import GPTConfig, build_model
+    attention.OVERRIDE = "sdpa"
+    try:
+        labels = ["hellaswag_zeroshot", "winograd", "lambada_openai", "copa", "bigbench_qa_wikidata"]
+        tasks, missing, _ = load_core_tasks(shared_data / "core", labels)
+        types = {t["task_type"] for t in tasks}
+        assert types == {"multiple_choice", "schema", "language_modeling"}, (types, missing)
+        torch.manual_seed(0)
+        model = build_model(GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2,
+                                      n_head=2, n_kv_head=1, n_embd=64, window_pattern=window_pattern), "cpu",
+                            torch.float32)
+        with torch.no_grad():  # make every path carry signal, so the answers depend on the whole prompt
+            for block in model.transformer.h:
+                block.attn.c_proj.weight.normal_(0, 0.2)
+                block.mlp.c_proj.weight.normal_(0, 0.2)
+            model.smear_lambda.fill_(0.5)
+            model.lm_head.weight.normal_(0, 0.5)
+        model.eval()
+        checked = 0
+        for t in tasks:
+            data = prepare_task_data(t["data"], 24)
+            plain = evaluate_task(model, tiny_tokenizer, data, t, batch_size=8, max_len=1024, per_item=True)
+            fast = evaluate_task_fast(model, tiny_tokenizer, data, t, batch_size=8, max_len=1024, per_item=True)
+            assert fast == plain, f"{t['label']}: items differ at {[i for i, (a, b) in enumerate(zip(fast, plain)) if a != b]}"
+            checked += len(data)
+        assert checked >= 100
+    finally:
+        attention.OVERRIDE = None

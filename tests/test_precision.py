@@ -187,7 +187,7 @@ def test_bench_train_step_runs_both_dtypes_side_by_side(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.main(["--depths", "1", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "256",
-                       "--steps", "1", "--dtypes", "float32", "bfloat16", "--warmup-steps", "2"]) == 0
+                       "--steps", "1", "--dtypes", "float32", "bfloat16", "--warmup-steps", "2", "--peak-size", "128"]) == 0
     out = capsys.readouterr().out
     result = common.json.loads(out.strip().splitlines()[-1])
     rows = {r["dtype"]: r for r in result["results"]}

@@ -1,0 +1,41 @@
+"""The comparison benchmarks run end to end at toy size (their figures live in dev/BENCH.md, not here)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+def test_bench_core_both_evaluators_agree(shared_data, picochat_home, capsys):
+    bench = load("bench_core")
+    bench.main(["--depth", "1", "--max-per-task", "3", "--tasks", "copa,lambada_openai", "--vocab-size", "300",
+                "--tok-chars", "20000", "--max-seq-len", "256", "--bundle-dir", str(shared_data / "core")])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["examples"] == 6 and result["items_differing"] == 0
+    assert set(result["examples_per_s"]) == {"plain", "fast"}
+
+def test_bench_decode_vs_nanochat_without_a_checkout_says_so(capsys):
+    assert load("bench_decode_vs_nanochat").main(["--nanochat", ""]) == 0
+    assert "no nanochat checkout" in capsys.readouterr().out
+
+def test_bench_decode_vs_nanochat_runs_picochat_side(tmp_path, capsys):
+    """A stand-in 'nanochat' package that is picochat itself: the script's plumbing (same weights, alternated
+    timing, same greedy tokens) runs end to end without the real checkout."""
+    pkg = tmp_path / "nanochat"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "engine.py").write_text("from picochat.engine import Engine\n")
+    (pkg / "gpt.py").write_text("from picochat.gpt import GPT as _G, GPTConfig\nimport torch\n"
+                                "class GPT(_G):\n    def __init__(self, config):\n        super().__init__(config, torch.float32)\n")
+    rc = load("bench_decode_vs_nanochat").main(["--nanochat", str(tmp_path), "--depth", "1", "--vocab-size", "256",
+                                                "--max-seq-len", "64", "--prompt-tokens", "16", "--decode-tokens", "4",
+                                                "--rounds", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and result["same_tokens"] is True and result["medians"]["picochat"]["decode"] > 0
