@@ -135,8 +135,14 @@ class _RowState:
         self.completed = False
 
 class Engine:
-    def __init__(self, model, tokenizer, sandbox: bool = False, sandbox_timeout: float = 5.0):
+    def __init__(self, model, tokenizer, sandbox: bool = False, sandbox_timeout: float = 5.0, decode_dtype=None):
+        """decode_dtype: e.g. torch.bfloat16 to decode with a bf16-weight copy of the model (the prompt is still
+        prefilled by `model`); faster where decode is bound by reading the weights, and not bit-identical to
+        decoding with `model`. None = decode with `model`."""
         self.model = model
+        self.decode_model = model
+        if decode_dtype is not None and decode_dtype != getattr(model, "compute_dtype", decode_dtype):
+            self.decode_model = model.inference_copy(decode_dtype)
         self.tokenizer = tokenizer
         self.sandbox = sandbox
         self.sandbox_timeout = sandbox_timeout
@@ -230,9 +236,10 @@ class Engine:
 
     # --- generation -----------------------------------------------------------------------------------
 
-    def _kv_cache(self, batch_size, seq_len):
+    def _kv_cache(self, batch_size, seq_len, model=None):
         from picochat.gpt import KVCache
-        model, cfg = self.model, self.model.config
+        model = model or self.model
+        cfg = model.config
         dtype = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
         head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
         return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len, head_dim=head_dim,
@@ -243,12 +250,13 @@ class Engine:
             return self.model.get_device()
         return next(self.model.parameters()).device
 
-    def _last_logits(self, ids, kv_cache):
+    def _last_logits(self, ids, kv_cache, model=None):
         """Logits (B, V) of the last position only. A prefill of P tokens would otherwise run the lm_head (the
         largest matrix of a small model) over all P positions and throw P-1 of them away."""
-        if hasattr(self.model, "final_hidden"):
-            return self.model.logits(self.model.final_hidden(ids, kv_cache=kv_cache)[:, -1, :])
-        return self.model.forward(ids, kv_cache=kv_cache)[:, -1, :]
+        model = model or self.model
+        if hasattr(model, "final_hidden"):
+            return model.logits(model.final_hidden(ids, kv_cache=kv_cache)[:, -1, :])
+        return model.forward(ids, kv_cache=kv_cache)[:, -1, :]
 
     def run_tool(self, expr: str):
         """Calculator first; the sandbox (when enabled) for anything else. None = nothing to force."""
@@ -286,8 +294,8 @@ class Engine:
         logits = self._last_logits(ids, kv_prefill)
         logits = logits.expand(num_samples, -1)  # every row samples its own first token below
         # 2) clone into the decode cache
-        kv = self._kv_cache(num_samples, len(tokens) + max_tokens)
-        kv.prefill(kv_prefill)
+        kv = self._kv_cache(num_samples, len(tokens) + max_tokens, self.decode_model)
+        kv.prefill(kv_prefill)  # (cast to the decode model's dtype when it differs)
         del kv_prefill
 
         rows = [_RowState() for _ in range(num_samples)]
@@ -316,7 +324,7 @@ class Engine:
             if step + 1 == max_tokens or all(r.completed for r in rows):
                 break
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
-            logits = self._last_logits(ids, kv)
+            logits = self._last_logits(ids, kv, self.decode_model)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """(results, masks): the ORIGINAL prompt + completion per sample, terminal tokens not appended;

@@ -135,6 +135,8 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", default=None, help="comma list; default 1,8,32,128 on CUDA, 1,4,16 on CPU")
     parser.add_argument("-t", "--temperature", type=float, default=0.0)
     parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"])
+    parser.add_argument("--decode-dtype", default="", choices=["", "bfloat16"],
+                        help="decode with a copy of the model whose weights are in this dtype (empty = the model's)")
     args = parser.parse_args(argv)
 
     rt = compute_init(args.device_type)
@@ -150,7 +152,7 @@ def main(argv=None):
     model.eval()
     T = model.config.sequence_len
     prompt_tokens = max(1, min(prompt_tokens, T - decode_tokens))
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, decode_dtype=getattr(torch, args.decode_dtype) if args.decode_dtype else None)
     engine.assistant_end = engine.bos = engine.python_start = -1  # never stop early, never call tools
     if isinstance(tokenizer, _BenchTokenizer):
         g = torch.Generator().manual_seed(0)

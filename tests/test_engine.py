@@ -72,6 +72,25 @@ def test_kv_cache_dtype_follows_model(tiny_model, tiny_tokenizer):
     assert kv.k_cache.shape == (3, 2, 10, 1, 32)
 
 
+def test_bf16_decode_copy(tiny_model, tiny_tokenizer):
+    """decode_dtype=bf16: the prompt is prefilled by the fp32 model, the cache is cast into a bf16 one and a
+    bf16-weight copy decodes. The first token comes from the fp32 prefill (identical); later logits follow the
+    fp32 model's within bf16 rounding; the fp32 model itself is left untouched."""
+    prompt = tiny_tokenizer.encode("The quick brown fox", prepend="<|bos|>")
+    engine = Engine(tiny_model, tiny_tokenizer, decode_dtype=torch.bfloat16)
+    twin = engine.decode_model
+    assert twin is not tiny_model and twin.compute_dtype == torch.bfloat16
+    assert {p.dtype for p in twin.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tiny_model.parameters()} == {torch.float32}
+    assert engine._kv_cache(1, 8, twin).k_cache.dtype == torch.bfloat16
+    columns = [c[0] for c, _ in engine.generate(prompt, max_tokens=12, temperature=0.0)]
+    assert len(columns) == 12 and columns[0] == _naive_greedy(tiny_model, prompt, 1)[0]
+    ids = torch.tensor([prompt + columns])
+    with torch.no_grad():
+        ref, got = tiny_model(ids)[0, len(prompt):], twin(ids)[0, len(prompt):].float()
+    assert ((ref - got).norm() / ref.norm()).item() < 5e-2
+    assert Engine(tiny_model, tiny_tokenizer, decode_dtype=torch.float32).decode_model is tiny_model
+
 def test_first_token_sampled_per_row(tiny_model, tiny_tokenizer):
     engine = Engine(tiny_model, tiny_tokenizer)
     prompt = tiny_tokenizer.encode("hello", prepend="<|bos|>")
