@@ -131,7 +131,7 @@ def _sdpa(q, k, v, window: int, scale=None):
             mask = _window_mask(Tq, Tk, Tk, q.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     elif Tq == 1:
-        # single-token decode: keep only the last window+1 keys (pitfall 6: the window must hold here too)
+        # single-token decode: keep only the last window+1 keys (the window must hold in decode exactly as in training)
         k, v = k[:, :, -(window + 1):], v[:, :, -(window + 1):]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=False, scale=scale, enable_gqa=gqa)
     else:

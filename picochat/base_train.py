@@ -1,5 +1,5 @@
 """
-Pretrain a GPT on the pretraining shards. Every hyperparameter follows from --depth (reference section 8).
+Pretrain a GPT on the pretraining shards. Every hyperparameter follows from --depth.
 
 Examples:
     # CPU demo (minutes): a d4 model at sequence 512
@@ -62,7 +62,8 @@ def build_parser():
     a("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
     a("--seed", type=int, default=42)
     a("--fp8", action="store_true", help="FP8 training (CUDA only; ignored with a warning elsewhere)")
-    a("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
+    a("--fp8-recipe", default="tensorwise", choices=["tensorwise"],
+      help="fp8 scaling recipe (tensorwise: one scale per tensor; the only one implemented)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (default: on for CUDA, off elsewhere)")
     # model
@@ -110,7 +111,7 @@ def build_parser():
     return p
 
 # -----------------------------------------------------------------------------
-# Derivations from depth (reference 8.2) and schedules (8.3)
+# Derivations from depth, and schedules
 
 def derive(args, model, world_size):
     """Everything that follows from the depth. Returns a dict (printed as a table, saved in the meta)."""
@@ -297,8 +298,6 @@ def main(argv=None):
     device, device_type, dtype, master = rt.device, rt.device_type, rt.dtype, rt.master
     t_start = process_start_time()  # a --max-time-s budget counts start-up too: that is what a user waits for
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
-    if args.fp8 and args.fp8_recipe != "tensorwise":
-        raise ValueError("--fp8-recipe rowwise is not implemented; use tensorwise")
     use_fp8 = False
     if args.fp8:
         from picochat.fp8 import resolve_fp8

@@ -1,5 +1,5 @@
 """
-Supervised finetuning: turn a base checkpoint into a chat model (reference 11.3).
+Supervised finetuning: turn a base checkpoint into a chat model.
 
 * Loads checkpoints/base/<tag>; sequence length, device batch size and total batch size are inherited from
   its meta, and the embedding / unembedding / matrix LRs from its user_config (the raw CLI values: the
@@ -9,8 +9,8 @@ Supervised finetuning: turn a base checkpoint into a chat model (reference 11.3)
   SpellingBee), rendered with the tokenizer's chat template and packed best-fit into rows of T+1 tokens:
   whole conversations only (a conversation longer than the row is truncated to it and counted), the rest
   of a row is BOS padding with no loss. Loss only on supervised (assistant) tokens.
-* NaN guard (reference pitfall 5): the loss is a SUM over supervised tokens divided by the count over the
-  whole optimizer step (all micro-batches, all ranks). A micro-batch with zero supervised tokens adds
+* NaN guard (a mean over zero supervised tokens is 0/0): the loss is a SUM over supervised tokens divided by
+  the count over the whole optimizer step (all micro-batches, all ranks). A micro-batch with zero supervised tokens adds
   exactly nothing; a step with zero supervised tokens anywhere is skipped. Both are counted in the log.
 * Schedules by progress p (= conversations consumed / epoch size, or step / --num-iterations):
   LR constant until 1 - warmdown, then linear to --final-lr-frac; Muon momentum 0.85 -> 0.95 over 300 steps.
@@ -107,7 +107,7 @@ class SFTLoader:
         inputs = t[:, :-1]
         targets = torch.where(m[:, 1:] == 1, t[:, 1:], torch.full_like(t[:, 1:], -1))
         self.empty_rows += int(((targets >= 0).sum(dim=1) == 0).sum())
-        pin = self.device.type == "cuda"   # pinned memory only with CUDA (pitfall 23)
+        pin = self.device.type == "cuda"   # pinned memory only with CUDA (elsewhere it only costs)
         if pin:
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs.to(self.device, non_blocking=pin), targets.to(self.device, non_blocking=pin)
@@ -251,7 +251,7 @@ def main(argv=None):
     if total_batch % world_tokens:
         raise ValueError(f"total batch {total_batch} tokens is not a multiple of device_batch_size*max_seq_len*"
                          f"world_size = {B}*{T}*{rt.world_size} = {world_tokens}; pass --total-batch-size or "
-                         f"--device-batch-size so that it divides (reference pitfall 3)")
+                         f"--device-batch-size so that it divides")
     grad_accum = total_batch // world_tokens
     print0(f"SFT from base {tag} step {base_step}: T={T} B={B} total_batch={total_batch} grad_accum={grad_accum} "
            f"lr(emb={emb_lr}, unemb={unemb_lr}, matrix={mat_lr}) x {args.init_lr_frac}")
@@ -425,7 +425,8 @@ def main(argv=None):
             if master:
                 checkpoint.append_metrics(out_dir, row)
         if step == 1:
-            gc.collect(); gc.freeze(); gc.disable()   # avoid GC pauses (reference pitfall 26)
+            # the cyclic GC would pause the loop at random steps, and nothing in the loop builds cycles
+            gc.collect(); gc.freeze(); gc.disable()
         last_step = is_last(step)
 
     gc.enable()

@@ -160,7 +160,8 @@ def _cpu_state(state: dict) -> dict:
     """Detached, contiguous CPU copies without `_orig_mod.` prefixes (safetensors refuses shared storage)."""
     out = {}
     for k, v in state.items():
-        k = k.removeprefix("_orig_mod.")  # removeprefix, not lstrip (reference pitfall 16)
+        # removeprefix, not lstrip: lstrip strips a SET of characters and would eat the start of real names
+        k = k.removeprefix("_orig_mod.")
         out[k] = v.detach().to("cpu", copy=True).contiguous()
     return out
 
@@ -173,7 +174,7 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizer, meta: dict, keep_last
     rank 0 writes the meta (which marks completeness) and rotates old checkpoints (keep_last)."""
     _, rank, _, world_size = get_dist_info()
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)  # any rank may get here first (reference pitfall 17)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)  # any rank may get here first
     if rank == 0:
         orig = getattr(model, "_orig_mod", model)  # never save the compiled wrapper
         _save_tensors(model_path(ckpt_dir, step), _cpu_state(orig.state_dict()))

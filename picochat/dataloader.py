@@ -1,5 +1,5 @@
 """
-Pretraining dataloader: BOS-aligned best-fit packing (reference section 5) with EXACT resume.
+Pretraining dataloader: BOS-aligned best-fit packing with EXACT resume.
 
 Every row of a (B, T) batch is T+1 tokens built from whole documents, each starting with <|bos|>:
 the longest buffered document that still fits is placed whole; when none fits, the shortest one is

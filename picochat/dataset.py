@@ -26,10 +26,10 @@ from picochat import fetch
 from picochat.common import get_base_dir, logger
 
 DATASETS = {
-    # current default (reference 4.1): shard 6542 is always the validation shard
+    # current layout: shard 6542 is always the validation shard (the dataset host's own split)
     "climbmix": {"url": "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
                  "max_shard": 6542},
-    # legacy (reference 4.2): shard 1822 is the validation shard
+    # the older layout: shard 1822 is the validation shard
     "fineweb-edu": {"url": "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
                     "max_shard": 1822},
 }

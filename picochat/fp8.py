@@ -1,5 +1,5 @@
 """
-FP8 training for Linear layers (reference section 9): tensorwise dynamic scaling, e4m3 for the forward
+FP8 training for Linear layers: tensorwise dynamic scaling, e4m3 for the forward
 operands, e5m2 for gradients, matmuls through torch._scaled_mm. CUDA SM90+ only; elsewhere `--fp8` is ignored
 with a warning (`resolve_fp8`). Conversion happens after init/resume and before compile; for evaluation and
 sampling the Float8Linear modules are swapped back to plain Linear shells sharing the same weights
@@ -114,7 +114,8 @@ class Float8Linear(nn.Linear):
         return new
 
 def fp8_eligible(lin: nn.Module) -> bool:
-    """Only matmuls big enough to gain: both dims divisible by 16 and min(in, out) >= 128 (pitfall 11)."""
+    """Only matmuls big enough to gain: both dims divisible by 16 and min(in, out) >= 128: smaller
+    fp8 matmuls cost more in casts and scaling than they save, and the fp8 kernels need multiples of 16."""
     return (isinstance(lin, nn.Linear) and not isinstance(lin, Float8Linear)
             and lin.in_features % 16 == 0 and lin.out_features % 16 == 0
             and min(lin.in_features, lin.out_features) >= 128)

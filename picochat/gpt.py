@@ -8,7 +8,7 @@ Precision is explicit: master weights are fp32, activations run in ONE compute d
 Linear casts its weight to the activation dtype, embedding tables are stored in the compute dtype (fp32 when
 it is fp16), logits are upcast to fp32 before the softcap. No autocast.
 
-The state-dict keys are exactly nanochat's (reference section 21), so its checkpoints can be imported.
+The state-dict keys are exactly nanochat's, so its checkpoints can be imported.
 
 CPU fast path (eager, no compile): hand-written backward for RMSNorm and ReLU^2, and lm_head + softcap + CE fused
 in row blocks (`FUSED_LOSS`) so the (B*T, V) logits never materialise. Same math as the plain path (tests
@@ -336,7 +336,7 @@ class _ChunkedSoftcapCE(torch.autograd.Function):
         total = row_loss.sum()
         scale = (1.0 / n_valid.clamp(min=1).to(acc)) if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
         if reduction == "mean":
-            # all-ignored batches give NaN, like F.cross_entropy (pitfall 5: callers must guard)
+            # all-ignored batches give NaN, like F.cross_entropy (0/0: callers must guard)
             loss = torch.where(n_valid > 0, total * scale, torch.full_like(total, float("nan")))
         else:
             loss = total
@@ -396,7 +396,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Set EVERY parameter and buffer (values from __init__ on meta are fake; reference pitfall 2)."""
+        """Set EVERY parameter and buffer: values from __init__ on meta are fake, so a parameter set only there
+        would be uninitialised memory."""
         C, n = self.config.n_embd, self.config.n_layer
         s = math.sqrt(3) / math.sqrt(C)  # U(-s, s) has std 1/sqrt(C)
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
@@ -499,7 +500,8 @@ class GPT(nn.Module):
     # -- optimizer -------------------------------------------------------------
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
-        """MuonAdamW with the reference's groups (section 7.1)."""
+        """MuonAdamW with the reference's groups: AdamW for the embeddings, lm_head and scalars (each with its
+        own LR and betas), Muon for every matrix inside the blocks, one group per shape."""
         from picochat.optim import MuonAdamW
         dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
         def adamw(params, lr, betas, wd):
@@ -519,15 +521,12 @@ class GPT(nn.Module):
         groups = [g for g in groups if g["params"]]
         covered = sum(len(g["params"]) for g in groups)
         assert covered == len(list(self.parameters())), "every parameter must be in exactly one optimizer group"
-        try:  # the compute dtype decides whether Polar Express runs in bf16 (reference 7.3 step 2)
-            return MuonAdamW(groups, compute_dtype=self.compute_dtype)
-        except TypeError:  # an optimizer without that keyword (contract signature)
-            return MuonAdamW(groups)
+        return MuonAdamW(groups, compute_dtype=self.compute_dtype)  # bf16 compute -> Polar Express in bf16
 
     # -- accounting --------------------------------------------------------------
 
     def num_scaling_params(self) -> dict:
-        """Parameter counts by group (reference 6.7). Scaling params for the horizon = transformer_matrices + lm_head."""
+        """Parameter counts by group. Scaling params for the horizon = transformer_matrices + lm_head."""
         count = lambda ps: sum(p.numel() for p in ps)
         d = dict(
             wte=self.transformer.wte.weight.numel(),
@@ -542,7 +541,7 @@ class GPT(nn.Module):
         return d
 
     def estimate_flops(self) -> float:
-        """Training FLOPs per token (reference 6.8): 6 * (weights in every Linear) + sum over layers of
+        """Training FLOPs per token: 6 * (weights in every Linear) + sum over layers of
         12 * H * D * min(window, T). Embedding lookups and softmax are not counted."""
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         H, D, T = self.config.n_head, self.config.n_embd // self.config.n_head, self.config.sequence_len

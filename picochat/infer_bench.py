@@ -50,7 +50,7 @@ class _BenchTokenizer:
         return []
 
 # -----------------------------------------------------------------------------
-# Analytical model (reference 6.8)
+# Analytical model (FLOPs and bytes per token)
 
 def static_card(model, prompt_tokens, decode_tokens):
     cfg = model.config

@@ -1,17 +1,17 @@
 """
-MuonAdamW: one optimizer for the whole GPT (reference section 7), for 1 process and for W processes.
+MuonAdamW: one optimizer for the whole GPT, for 1 process and for W processes.
 
-* AdamW (embeddings, lm_head, value embeddings, scalars): decoupled weight decay, correct bias correction
-  (pitfall 13: step lr/(1-b1^t), denominator sqrt(v)/sqrt(1-b2^t) + eps), math in fp32 even for bf16
+* AdamW (embeddings, lm_head, value embeddings, scalars): decoupled weight decay, bias correction on both
+  moments (step lr/(1-b1^t), denominator sqrt(v)/sqrt(1-b2^t) + eps), math in fp32 even for bf16
   params (the fp32 result is rounded back into the bf16 param; the moments stay fp32).
 * Muon (every matrix inside the transformer blocks; one group per distinct shape): Nesterov momentum,
   optional bf16 cast, MuonEq row equilibration, Polar Express orthogonalisation (the 5 published
   coefficient triples), Muon+ renormalisation, NorMuon variance reduction, cautious weight decay,
   lr * sqrt(max(1, rows/cols)).
 
-Distribution (ZeRO-2 style, reference 7.4) is automatic when torch.distributed is initialised, and the SAME
-code runs with world size 1 (pitfall 27: two implementations drift apart); there is no DDP wrapper, the
-grads handed to step() are each rank's LOCAL grads and the optimizer averages them:
+Distribution (ZeRO-2 style) is automatic when torch.distributed is initialised, and the SAME code runs with
+world size 1 (a separate single-process copy would drift apart from the distributed one); there is no DDP
+wrapper, the grads handed to step() are each rank's LOCAL grads and the optimizer averages them:
   phase 1  launch every async reduction: AdamW params with < 1024 elements, or whose dim 0 is not a
            multiple of W, are all-reduced (AVG) and updated redundantly on every rank; larger AdamW params
            are reduce-scattered along dim 0 (each rank updates rows [r*N/W, (r+1)*N/W) and keeps state for
@@ -19,9 +19,11 @@ grads handed to step() are each rank's LOCAL grads and the optimizer averages th
            W and reduce-scatters, so each rank owns ceil(K/W) consecutive matrices and their state.
   phase 2  per group: wait for its reduction, update the owned slice/chunk, launch the all-gather.
   phase 3  wait for the gathers and copy the Muon results back into the parameters.
-No gradient clipping (pitfall 14: clipping local grads before the sync is wrong).
-Optimizer state is sharded, so resuming needs the same world size (pitfall 29); shard_state_dict() /
-load_shard_state_dict() give one flat dict of tensors per rank (safetensors-able, no pickles).
+No gradient clipping: the grads handed in are each rank's local ones, and clipping them before the
+average would clip by the wrong norm.
+Optimizer state is sharded, so resuming needs the same world size (each rank's file holds the state of the
+rows it owns); shard_state_dict() / load_shard_state_dict() give one flat dict of tensors per rank
+(safetensors-able, no pickles).
 
 Muon bf16 cast: the reference casts the momentum-smoothed grad to bf16 before MuonEq/Polar Express only
 when the run's compute dtype is bf16. Master weights (and therefore grads) are fp32 in a bf16 run, so the
@@ -52,7 +54,7 @@ import math
 import torch
 import torch.distributed as dist
 
-# Polar Express coefficients (num_iters 5, safety factor 2e-2, cushion 2), reference 7.3. Composed as the
+# Polar Express coefficients (num_iters 5, safety factor 2e-2, cushion 2), as published. Composed as the
 # scalar polynomial p(s) = a s + b s^3 + c s^5, they map every s in [1e-3, 1] into [0.859, 1.141].
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),

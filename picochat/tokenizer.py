@@ -224,7 +224,7 @@ class Tokenizer:
 
     def token_bytes(self) -> torch.Tensor:
         """int32 (vocab,): RAW byte length of each token, 0 for specials. Not len(decode(...).encode()):
-        tokens that are partial UTF-8 sequences would be counted as 3-byte U+FFFD (reference pitfall #1)."""
+        tokens that are partial UTF-8 sequences would be counted as 3-byte U+FFFD."""
         lengths = [len(b) for b in self.ranks] + [0] * len(SPECIAL_TOKENS)
         return torch.tensor(lengths, dtype=torch.int32)
 

@@ -49,7 +49,7 @@ def test_window_changes_result():
 @pytest.mark.parametrize("window", [3, 8, 20, 10_000])
 def test_kvcache_prefill_then_decode_matches_naive(window):
     """Prefill 10 tokens, a chunk of 7 onto the cache, then single-token decode up to 33 keys:
-    window 8 < 33 keys is the reference's pitfall-6 regression (decode ignoring the window)."""
+    window 8 < 33 keys catches a decode path that ignores the window."""
     B, T, H, Hkv, D = 2, 33, 4, 2, 16
     q, k, v = qkv(B, T, H, Hkv, D, seed=1)
     ref = naive(q, k, v, window)

@@ -29,7 +29,7 @@ def _derive(depth, *flags, world=1):
 
 
 @pytest.mark.parametrize("depth,batch,wd,iters", [
-    # reference 8.2: batch 2^18 for d3-d8, 2^19 d9-d16, 2^20 d17-d31, 2^21 d32+; WD and horizons from its tables
+    # the reference's table: batch 2^18 for d3-d8, 2^19 d9-d16, 2^20 d17-d31, 2^21 d32+; WD and horizons from its tables
     (6, 2 ** 18, None, None), (8, 2 ** 18, None, None), (12, 2 ** 19, 0.28, 2520), (16, 2 ** 19, None, None),
     (20, 2 ** 20, 0.1002, 4980), (24, 2 ** 20, 0.0597, 8352), (26, 2 ** 20, 0.0475, 10510), (32, 2 ** 21, None, None),
 ])

@@ -101,7 +101,7 @@ def test_overlong_conversation_is_truncated_and_counted(tiny_tokenizer):
     assert loader.empty_rows == 1
 
 # -----------------------------------------------------------------------------
-# NaN guard (reference pitfall 5)
+# NaN guard (a mean over zero supervised tokens would be 0/0)
 
 def test_nan_guard_all_masked_micro_batch(tiny_tokenizer):
     torch.manual_seed(0)
@@ -270,7 +270,7 @@ def test_end_to_end_cpu(tmp_path, picochat_home, tiny_tokenizer, monkeypatch, ca
     core_rows = [r for r in rows if "chatcore_metric" in r]
     assert core_rows and core_rows[-1]["step"] == 12
     sft_meta = checkpoint.read_meta(sft_dir, 12)
-    assert sft_meta["model_config"]["window_pattern"] == "L"     # pitfall 10
+    assert sft_meta["model_config"]["window_pattern"] == "L"     # SFT keeps the base run's window pattern
     assert sft_meta["dataloader_state"]["rank0"]["consumed"] > 0
 
     # exact resume: continuing from step 6 reproduces the step-12 weights bit for bit

@@ -76,7 +76,7 @@ def test_export_tokenizer_and_chat_template(exported, tiny_tokenizer):
 
 
 def _write_nanochat_checkpoint(root, model, tokenizer, step=7):
-    """A checkpoint in nanochat's documented layout (reference sections 1.4, 8.6, 21)."""
+    """A checkpoint in nanochat's documented layout (meta JSON, model .pt, tokenizer pickle)."""
     import tiktoken
     ckpt = root / "base_checkpoints" / "d4"
     ckpt.mkdir(parents=True)

@@ -110,7 +110,7 @@ def test_norm_and_relu_squared_match_textbook():
     assert torch.autograd.gradcheck(G.relu_squared, (x,))
 
 def test_rotary_sign_convention():
-    """Reference 6.4: halves (x1, x2) -> (x1 cos + x2 sin, -x1 sin + x2 cos), i.e. rotation by -theta."""
+    """The reference's convention: halves (x1, x2) -> (x1 cos + x2 sin, -x1 sin + x2 cos), i.e. rotation by -theta."""
     x = torch.randn(1, 3, 2, 8, dtype=torch.float64)
     ang = torch.rand(1, 3, 1, 4, dtype=torch.float64) * 6
     cos, sin = ang.cos(), ang.sin()

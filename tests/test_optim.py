@@ -1,5 +1,5 @@
 """
-Tests for picochat.optim.MuonAdamW (reference section 7): AdamW against torch.optim.AdamW, fp32 math for
+Tests for picochat.optim.MuonAdamW: AdamW against torch.optim.AdamW, fp32 math for
 bf16 params, Polar Express against the scalar polynomial it implements, a Muon step against a plain fp64
 re-implementation, 1-process vs 2-process (gloo) equality, exact resume, state-file sharding, group validation,
 convergence. Run: python -m pytest tests/test_optim.py -q --durations=10
@@ -131,7 +131,7 @@ def test_polar_express_near_orthogonal(shape, dtype):
         torch.testing.assert_close(sv.sort(dim=-1, descending=True).values, expected, rtol=1e-9, atol=1e-9)
 
 # -----------------------------------------------------------------------------
-# Muon against a plain fp64 re-implementation, written matrix by matrix from reference 7.3
+# Muon against a plain fp64 re-implementation, written matrix by matrix from the published algorithm
 
 def ref_muon_step(p, g, buf, v, lr, mom, wd, beta2, ns_steps):
     """Returns the new (p, buf, v) for ONE matrix; every quantity fp64."""

@@ -88,7 +88,7 @@ def loud_caplog(caplog, monkeypatch):
     return caplog
 
 # -----------------------------------------------------------------------------
-# Golden rendering, built from tokenizer.encode pieces (the layout of reference 3.4)
+# Golden rendering, built from tokenizer.encode pieces (the reference's chat layout)
 
 def golden(tok, messages):
     sp = tok.encode_special
@@ -217,7 +217,7 @@ def test_spellingbee_counts_match_str_count(tiny_mirror, tiny_tokenizer):
         assert eval(python) == expected     # the tool call computes the same number
         assert next(p for p in parts if p["type"] == "python_output")["text"] == str(expected)
         manual = parts[0]["text"]
-        assert f"{word}:{','.join(word)}\n" in manual       # no space before the first letter (pitfall 22)
+        assert f"{word}:{','.join(word)}\n" in manual       # no space before the first letter
         assert manual.count("hit!") == expected
     check_render(tiny_tokenizer, task[0])
     # deterministic per index, and the test split is a different stream (seed offset, not a sign flip)

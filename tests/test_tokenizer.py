@@ -208,7 +208,7 @@ def test_token_bytes_are_raw_lengths_incl_partial_utf8():
                 partial.append(i)
     assert partial, "expected a multi-byte token that is a partial UTF-8 sequence"
     i = partial[0]
-    # the str round trip (pitfall #1) would count U+FFFD replacements, not the raw bytes
+    # a str round trip would count U+FFFD replacements, not the raw bytes
     assert len(tok.id_to_token(i).encode("utf-8")) != tb[i]
 
 

@@ -1,6 +1,6 @@
 """
 MMLU (cais/mmlu): 57-subject multiple choice, letters A-D. Categorical.
-Training uses the `auxiliary_train` split of subset "all" (reference pitfall 21). The mirror has no
+Training uses the `auxiliary_train` split of subset "all" (the test split is for evaluation only). The mirror has no
 auxiliary_train: we then train on mmlu/dev plus ARC-Easy train rendered the same way, and say so loudly.
 """
 from picochat.tasks.common import RowsTask, render_mc, load_rows, have_mirror, mirror_has, loud_fallback

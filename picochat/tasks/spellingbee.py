@@ -2,8 +2,8 @@
 SpellingBee and SimpleSpelling: synthetic tasks that teach a token-level model to see letters.
 
 SpellingBee: "how many 'r' in strawberry?" in several languages; the answer spells the word out
-(`strawberry:s,t,r,...` with no space before the first letter: reference pitfall 22), counts letter
-by letter, double-checks with a python tool call `'word'.count('r')` and ends with `#### k`.
+(`strawberry:s,t,r,...` with no space before the first letter, exactly as the reference renders it),
+counts letter by letter, double-checks with a python tool call `'word'.count('r')` and ends with `#### k`.
 Evaluated like GSM8K. Each example is generated from its own seed: train uses seed = index, test uses
 10,000,000 + index (Random(k) and Random(-k) are the same stream, so a sign flip would not separate them).
 
