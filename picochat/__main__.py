@@ -1,8 +1,11 @@
 """
 One entry point: `picochat <stage> [flags]` == `python -m picochat <stage> [flags]`,
 also under torchrun: `torchrun --nproc_per_node=8 -m picochat base-train --depth=24`.
-Each stage is a module with a `main(argv)` function; it is imported only when run.
+Each stage is a module with a `main(argv)` function; it is imported only when run. A ValueError or a
+missing file raised by a stage is a user's mistake: one line on stderr, exit code 2 (PICOCHAT_DEBUG=1 shows
+the traceback).
 """
+import os
 import sys
 import importlib
 
@@ -46,7 +49,15 @@ def main(argv=None):
         print(f"picochat: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(STAGES[stage][0])
-    return module.main(rest) or 0
+    try:
+        return module.main(rest) or 0
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        # a user's mistake (a bad flag value, a missing file, tag or step): the stages raise these with a
+        # message that names the problem and the fix, which is all the user needs to see
+        if os.environ.get("PICOCHAT_DEBUG"):
+            raise
+        print(f"picochat {stage}: error: {e} (PICOCHAT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from picochat import __version__
 from picochat.common import (compute_init, compute_cleanup, print0, warn0, synchronize,
                              get_peak_flops, measure_cpu_matmul_peak, device_name, format_mfu, init_wandb,
-                             max_memory_allocated, barrier, process_start_time, long_run_notice)
+                             max_memory_allocated, barrier, process_start_time, long_run_notice, positive_int)
 from picochat import checkpoint as ckpt
 
 B_REF = 2 ** 19          # reference total batch size (tokens) at the d12 reference
@@ -67,10 +67,10 @@ def build_parser():
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (default: on for CUDA, off elsewhere)")
     # model
-    a("--depth", type=int, default=20)
-    a("--aspect-ratio", type=int, default=64)
-    a("--head-dim", type=int, default=128)
-    a("--max-seq-len", type=int, default=2048)
+    a("--depth", type=positive_int, default=20, help="transformer layers: the one dial every other size follows from")
+    a("--aspect-ratio", type=positive_int, default=64, help="model width = depth x aspect ratio, rounded up to a multiple of --head-dim")
+    a("--head-dim", type=positive_int, default=128, help="attention head width")
+    a("--max-seq-len", type=positive_int, default=2048, help="tokens per training row (the model's context)")
     a("--window-pattern", default="SSSL")
     # horizon (precedence: num-iterations > target-flops > target-param-data-ratio)
     a("--num-iterations", type=int, default=-1)
@@ -81,7 +81,7 @@ def build_parser():
     a("--target-flops", type=float, default=-1.0)
     a("--target-param-data-ratio", type=float, default=12.0)
     # batch
-    a("--device-batch-size", type=int, default=32)
+    a("--device-batch-size", type=positive_int, default=32, help="rows per forward/backward pass")
     a("--total-batch-size", type=int, default=-1, help="tokens per optimizer step; -1 = auto from depth")
     # optimization
     a("--embedding-lr", type=float, default=0.3)

@@ -6,6 +6,7 @@ Everything else in picochat imports from here; this module imports nothing of ou
 import os
 import sys
 import json
+import argparse
 import logging
 import tempfile
 import contextlib
@@ -96,6 +97,19 @@ def warn0(msg: str):
 
 # -----------------------------------------------------------------------------
 # Device and precision
+
+def positive_int(text: str) -> int:
+    """argparse type for sizes (depth, sequence length, batch rows): a clear usage error instead of a
+    ZeroDivisionError deep inside the run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+DEVICE_TYPES = ("cuda", "cpu", "mps")
 
 def autodetect_device_type() -> str:
     if torch.cuda.is_available():
@@ -224,11 +238,14 @@ def compute_init(device_type: str = "", seed: int = 42) -> Runtime:
     """Pick the device, seed, and join the process group if torchrun launched us.
     NCCL on CUDA, gloo elsewhere, so multi-process runs work (and are tested) on CPU."""
     device_type = device_type or autodetect_device_type()
+    if device_type not in DEVICE_TYPES:
+        raise ValueError(f"--device-type {device_type!r} is not one of {', '.join(DEVICE_TYPES)} "
+                         "(or leave it empty to autodetect)")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device-type cuda was requested but torch.cuda.is_available() is False. "
+        raise ValueError("--device-type cuda was requested but torch.cuda.is_available() is False. "
                            "Install a CUDA build of torch or pass --device-type cpu.")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device-type mps was requested but MPS is not available. Pass --device-type cpu.")
+        raise ValueError("--device-type mps was requested but MPS is not available. Pass --device-type cpu.")
     torch.manual_seed(seed)
     if device_type == "cuda":
         torch.cuda.manual_seed(seed)
