@@ -85,8 +85,8 @@ def main(argv=None):
         source = args.source or latest_source(args.model_tag)
         model, tokenizer, meta = load_model(source, rt.device, phase="eval", model_tag=args.model_tag, step=args.step)
     except FileNotFoundError as e:
-        print(f"picochat chat: {e}", file=sys.stderr)
-        return 1
+        print(f"picochat chat: error: {e}", file=sys.stderr)
+        return 2
     engine = Engine(model, tokenizer, sandbox=args.sandbox)
     is_chat = source != "base"
     print(f"Loaded the {source} model (step {meta.get('step')}, {model.config.n_layer} layers) on {rt.device}. "

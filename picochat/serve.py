@@ -498,6 +498,11 @@ def main(argv=None):
     import uvicorn
     from picochat.common import autodetect_device_type
     device_type = args.device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        p.error("--device-type cuda, but torch.cuda.is_available() is False: pass --device-type cpu, or install "
+                "a CUDA build of torch")
+    if not 0 < args.port < 65536:  # checked before the (slow) model load, not by the socket bind after it
+        p.error(f"--port {args.port} is not a TCP port (1-65535)")
     num_workers = args.num_workers or (torch.cuda.device_count() if device_type == "cuda" else 1)
     if num_workers < 1:
         p.error("--num-workers must be at least 1")
@@ -508,7 +513,8 @@ def main(argv=None):
     try:
         source = args.source or latest_source(args.model_tag)
     except FileNotFoundError as e:
-        raise SystemExit(str(e))
+        print(f"picochat serve: error: {e}", file=sys.stderr)
+        return 2
     workers, meta = load_workers(source, device_type, num_workers, args.model_tag, args.step)
     tag = args.model_tag or find_largest_model(get_base_dir() / "checkpoints" / source)
     model_name = f"picochat-{source}-{tag}"   # e.g. picochat-sft-d20

@@ -94,5 +94,5 @@ def test_tokens_to_parts(tiny_tokenizer):
 
 def test_no_checkpoint_is_a_clear_error(picochat_home, capsys):
     from picochat.chat_cli import main
-    assert main(["-p", "hi", "--device-type", "cpu"]) == 1
+    assert main(["-p", "hi", "--device-type", "cpu"]) == 2  # a user's mistake: exit code 2, one line
     assert "no complete checkpoint" in capsys.readouterr().err

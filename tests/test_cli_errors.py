@@ -25,11 +25,15 @@ CASES = {
     "bad dtype": (["base-train", "--depth", "1"], {"PICOCHAT_DTYPE": "bf8"}, "PICOCHAT_DTYPE='bf8'"),
     "resume banana": (["base-train", "--depth", "1", "--resume", "banana"], {}, None),
     "no sft model": (["chat-eval", "-i", "sft", "--device-type", "cpu"], {}, None),
+    "serve port out of range": (["serve", "-p", "99999"], {}, "--port 99999 is not a TCP port"),
+    "serve without checkpoints": (["serve", "--device-type", "cpu"], {}, "no complete checkpoint"),
+    "chat without checkpoints": (["chat", "--device-type", "cpu"], {}, "no complete checkpoint"),
+    "serve cuda without a GPU": (["serve", "--device-type", "cuda"], {}, "torch.cuda.is_available() is False"),
 }
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_user_mistake_is_one_line_and_exit_2(case, tmp_path):
-    if case == "cuda without a GPU":
+    if case in ("cuda without a GPU", "serve cuda without a GPU"):
         pytest.importorskip("torch")
         import torch
         if torch.cuda.is_available():
