@@ -383,7 +383,7 @@ def main(argv=None):
     # ---- MFU peak ----
     if device_type == "cpu":
         # the honest "peak" of this CPU: a matmul in the dtype the run actually computes in
-        peak_flops = measure_cpu_matmul_peak(dtype=dtype if dtype == torch.bfloat16 else torch.float32)
+        peak_flops = measure_cpu_matmul_peak(dtype=dtype)
     elif device_type == "cuda":
         peak_flops = get_peak_flops(device_name(device_type))
     else:

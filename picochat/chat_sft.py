@@ -10,8 +10,9 @@ Supervised finetuning: turn a base checkpoint into a chat model.
   whole conversations only (a conversation longer than the row is truncated to it and counted), the rest
   of a row is BOS padding with no loss. Loss only on supervised (assistant) tokens.
 * NaN guard (a mean over zero supervised tokens is 0/0): the loss is a SUM over supervised tokens divided by
-  the count over the whole optimizer step (all micro-batches, all ranks). A micro-batch with zero supervised tokens adds
-  exactly nothing; a step with zero supervised tokens anywhere is skipped. Both are counted in the log.
+  the count over the whole optimizer step (all micro-batches, all ranks). A micro-batch with zero supervised
+  tokens adds exactly nothing; a step with zero supervised tokens anywhere is skipped. Both are counted in
+  the log.
 * Schedules by progress p (= conversations consumed / epoch size, or step / --num-iterations):
   LR constant until 1 - warmdown, then linear to --final-lr-frac; Muon momentum 0.85 -> 0.95 over 300 steps.
 * val bpb (--eval-every), ChatCORE (--chatcore-every), checkpoints in checkpoints/sft/<tag> with the

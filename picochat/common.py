@@ -111,6 +111,18 @@ def positive_int(text: str) -> int:
 
 DEVICE_TYPES = ("cuda", "cpu", "mps")
 
+def check_device_type(device_type: str) -> str:
+    """device_type itself, or a ValueError naming the problem and the fix (before any work starts)."""
+    if device_type not in DEVICE_TYPES:
+        raise ValueError(f"--device-type {device_type!r} is not one of {', '.join(DEVICE_TYPES)} "
+                         "(or leave it empty to autodetect)")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device-type cuda was requested but torch.cuda.is_available() is False. "
+                         "Install a CUDA build of torch or pass --device-type cpu.")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device-type mps was requested but MPS is not available. Pass --device-type cpu.")
+    return device_type
+
 def autodetect_device_type() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -237,15 +249,7 @@ class Runtime:
 def compute_init(device_type: str = "", seed: int = 42) -> Runtime:
     """Pick the device, seed, and join the process group if torchrun launched us.
     NCCL on CUDA, gloo elsewhere, so multi-process runs work (and are tested) on CPU."""
-    device_type = device_type or autodetect_device_type()
-    if device_type not in DEVICE_TYPES:
-        raise ValueError(f"--device-type {device_type!r} is not one of {', '.join(DEVICE_TYPES)} "
-                         "(or leave it empty to autodetect)")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device-type cuda was requested but torch.cuda.is_available() is False. "
-                           "Install a CUDA build of torch or pass --device-type cpu.")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device-type mps was requested but MPS is not available. Pass --device-type cpu.")
+    device_type = check_device_type(device_type or autodetect_device_type())
     torch.manual_seed(seed)
     if device_type == "cuda":
         torch.cuda.manual_seed(seed)

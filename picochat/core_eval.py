@@ -105,15 +105,20 @@ def crop(tokens, starts, ends, max_len):
 # -----------------------------------------------------------------------------
 # Forward and scoring
 
-@torch.no_grad()
-def forward_losses(model, rows, pad_id, device):
-    """Right-pad rows with pad_id, one forward -> (per-position CE against the next token (last col NaN),
-    argmax predictions, input ids)."""
+def _padded(rows, pad_id, device):
+    """Token lists -> one (len(rows), longest) id tensor, right-padded with pad_id."""
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    ids = ids.to(device)
+    return ids.to(device)
+
+@torch.no_grad()
+def forward_losses(model, rows, pad_id, device):
+    """Right-pad rows with pad_id, one forward -> (per-position CE against the next token (last col NaN),
+    argmax predictions, input ids)."""
+    ids = _padded(rows, pad_id, device)
+    T = ids.size(1)
     logits = model(ids).float()  # (B, T, V)
     targets = torch.roll(ids, shifts=-1, dims=1)
     losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
@@ -167,6 +172,14 @@ def _model_device(model):
     except (AttributeError, StopIteration):
         return torch.device("cpu")
 
+def _gather_result(correct, world, per_item):
+    """Each rank scored its stride of items: sum the 0/1 vectors, then the per-item list or the accuracy."""
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    if per_item:
+        return correct.tolist()
+    return correct.mean().item() if len(correct) else float("nan")
+
 @torch.no_grad()
 def evaluate_task(model, tokenizer, data, task_meta, device=None, batch_size=32, max_len=None, per_item=False):
     """Accuracy of `model` on `data` (already prepared with prepare_task_data). Every rank returns the same
@@ -196,34 +209,20 @@ def evaluate_task(model, tokenizer, data, task_meta, device=None, batch_size=32,
         pending.append((idx, toks, s, e, gold))
     if pending:
         flush()
-    if world > 1 and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
-    if per_item:
-        return correct.tolist()
-    return correct.mean().item() if len(data) else float("nan")
+    return _gather_result(correct, world, per_item)
 
 # -----------------------------------------------------------------------------
 # The fast evaluator (GPT models)
-
-def _padded(rows, pad_id, device):
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return ids.to(device)
 
 @torch.no_grad()
 def span_scores(model, rows, starts, ends, pad_id, device, prefix=0):
     """[(mean CE over the span, greedy argmax reproduces the span)] per row. The first `prefix` tokens, equal
     in every row and before every span, are run once at batch 1 and shared through a KV cache."""
-    cfg = model.config
     cache = None
     if prefix > 0:
-        head_dim = cfg.n_embd // cfg.n_head
-        one = KVCache(1, cfg.n_kv_head, prefix, head_dim, cfg.n_layer, device, model.compute_dtype)
+        one = KVCache.for_model(model, 1, prefix, device)
         model.final_hidden(torch.tensor([rows[0][:prefix]], dtype=torch.long, device=device), kv_cache=one)
-        longest = max(len(r) for r in rows)
-        cache = KVCache(len(rows), cfg.n_kv_head, longest, head_dim, cfg.n_layer, device, model.compute_dtype)
+        cache = KVCache.for_model(model, len(rows), max(len(r) for r in rows), device)
         cache.prefill(one)
     hidden = model.final_hidden(_padded([r[prefix:] for r in rows], pad_id, device), kv_cache=cache)
     # position j predicts token j+1: the span [s, e) is predicted from positions s-1 .. e-2
@@ -277,11 +276,7 @@ def evaluate_task_fast(model, tokenizer, data, task_meta, device=None, batch_siz
                 correct[e[0]] = float(_pick(task_type, scores[:len(e[1])], e[4]))
                 scores = scores[len(e[1]):]
             batch = []
-    if world > 1 and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
-    if per_item:
-        return correct.tolist()
-    return correct.mean().item() if len(data) else float("nan")
+    return _gather_result(correct, world, per_item)
 
 def centered(acc, random_baseline_percent):
     b = 0.01 * random_baseline_percent

@@ -238,12 +238,7 @@ class Engine:
 
     def _kv_cache(self, batch_size, seq_len, model=None):
         from picochat.gpt import KVCache
-        model = model or self.model
-        cfg = model.config
-        dtype = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
-        head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
-        return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len, head_dim=head_dim,
-                       num_layers=cfg.n_layer, device=self._device(), dtype=dtype)
+        return KVCache.for_model(model or self.model, batch_size, seq_len, device=self._device())
 
     def _device(self):
         if hasattr(self.model, "get_device"):

@@ -248,6 +248,15 @@ class KVCache:
         self.prev_embedding = None
         self._pos = 0  # host mirror of cache_seqlens[0]: no device sync per layer
 
+    @classmethod
+    def for_model(cls, model, batch_size, seq_len, device=None):
+        """A cache shaped for `model` (its KV heads, head width, layers) in its compute dtype."""
+        cfg = model.config
+        dtype = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
+        head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
+        device = device or next(model.parameters()).device
+        return cls(batch_size, cfg.n_kv_head, seq_len, head_dim, cfg.n_layer, device, dtype)
+
     def get_pos(self) -> int:
         return self._pos
 

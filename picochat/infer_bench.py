@@ -169,7 +169,7 @@ def main(argv=None):
     if cuda:
         peak_flops, peak_bw = get_peak_flops(name), get_peak_bandwidth(name)
     else:
-        peak_flops, peak_bw = measure_cpu_matmul_peak(dtype=rt.dtype if rt.dtype == torch.bfloat16 else torch.float32), None
+        peak_flops, peak_bw = measure_cpu_matmul_peak(dtype=rt.dtype), None
     mem = device_memory_bytes(rt.device_type)
     ceiling = peak_bw / (card["weight_bytes"] + card["kv_read_bytes_per_step"]) if peak_bw else None
     max_rows = int((mem - card["weight_bytes"]) // (card["kv_bytes_per_token"] * T)) if mem else None

@@ -496,11 +496,8 @@ def main(argv=None):
 
     import torch
     import uvicorn
-    from picochat.common import autodetect_device_type
-    device_type = args.device_type or autodetect_device_type()
-    if device_type == "cuda" and not torch.cuda.is_available():
-        p.error("--device-type cuda, but torch.cuda.is_available() is False: pass --device-type cpu, or install "
-                "a CUDA build of torch")
+    from picochat.common import autodetect_device_type, check_device_type
+    device_type = check_device_type(args.device_type or autodetect_device_type())
     if not 0 < args.port < 65536:  # checked before the (slow) model load, not by the socket bind after it
         p.error(f"--port {args.port} is not a TCP port (1-65535)")
     num_workers = args.num_workers or (torch.cuda.device_count() if device_type == "cuda" else 1)
