@@ -61,7 +61,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from picochat.gpt import build_model, config_from_depth
-    from picochat.base_eval import load_core_tasks
+    from picochat.core_eval import load_core_tasks
     from picochat.core_eval import prepare_task_data, evaluate_task, evaluate_task_fast
     evaluators = {"plain": evaluate_task, "fast": evaluate_task_fast}
 

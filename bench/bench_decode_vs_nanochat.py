@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from picochat.common import device_name  # noqa: E402
 from picochat.engine import Engine  # noqa: E402
 from picochat.gpt import build_model, config_from_depth  # noqa: E402
-from picochat.infer_bench import _BenchTokenizer  # noqa: E402
+from picochat.stages.infer_bench import _BenchTokenizer  # noqa: E402
 
 class _NeverStopTokenizer(_BenchTokenizer):
     """Special tokens outside the vocab: neither engine stops early or calls a tool."""

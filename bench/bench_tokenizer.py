@@ -24,7 +24,7 @@ from pathlib import Path
 def time_read(data_dir, max_chars, doc_cap):
     """Reading + capping alone (no BPE): how much of tok-train is I/O and parquet decoding."""
     from picochat.dataset import iter_row_groups
-    from picochat.tok_train import text_iterator
+    from picochat.stages.tok_train import text_iterator
     stats = {"chars": 0, "docs": 0}
     t0 = time.perf_counter()
     for _ in text_iterator(iter_row_groups("train", data_dir=data_dir), max_chars, doc_cap, stats):

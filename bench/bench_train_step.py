@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from picochat.base_train import lr_multiplier  # noqa: E402
+from picochat.stages.base_train import lr_multiplier  # noqa: E402
 from picochat.common import (measure_cpu_matmul_peak, device_name, autodetect_device_type, cpu_bf16_instructions,  # noqa: E402
                              synchronize, get_peak_flops)
 from picochat.gpt import build_model, config_from_depth  # noqa: E402

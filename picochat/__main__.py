@@ -1,7 +1,7 @@
 """
 One entry point: `picochat <stage> [flags]` == `python -m picochat <stage> [flags]`,
 also under torchrun: `torchrun --nproc_per_node=8 -m picochat base-train --depth=24`.
-Each stage is a module with a `main(argv)` function; it is imported only when run. A ValueError or a
+Each stage is a module of picochat/stages with a `main(argv)` function; it is imported only when run. A ValueError or a
 missing file raised by a stage is a user's mistake: one line on stderr, exit code 2 (PICOCHAT_DEBUG=1 shows
 the traceback).
 """
@@ -9,23 +9,25 @@ import os
 import sys
 import importlib
 
+from picochat import __version__
+
 # stage -> (module, one-line help). Order is the pipeline order.
 STAGES = {
-    "data":            ("picochat.dataset", "download pretraining shards (data download -n N)"),
-    "tok-train":       ("picochat.tok_train", "train the BPE tokenizer on the pretraining shards"),
-    "tok-eval":        ("picochat.tok_eval", "compression (bytes/token) of our tokenizer vs GPT-2/GPT-4"),
-    "base-train":      ("picochat.base_train", "pretrain a GPT; every hyperparameter follows from --depth"),
-    "base-eval":       ("picochat.base_eval", "evaluate a base checkpoint: CORE, bits per byte, samples"),
-    "gen-identity":    ("picochat.gen_identity", "write synthetic identity conversations for SFT"),
-    "chat-sft":        ("picochat.chat_sft", "supervised finetuning into a chat model"),
-    "chat-rl":         ("picochat.chat_rl", "reinforcement learning on GSM8K (simplified GRPO)"),
-    "chat-eval":       ("picochat.chat_eval", "chat benchmarks: ARC, MMLU, GSM8K, HumanEval, SpellingBee; ChatCORE"),
-    "chat":            ("picochat.chat_cli", "talk to a model in the terminal"),
-    "serve":           ("picochat.serve", "OpenAI-compatible API server and web UI"),
-    "infer-bench":     ("picochat.infer_bench", "inference benchmark: prefill, TTFT, TPOT, MBU/MFU"),
-    "export":          ("picochat.export", "export a checkpoint to Hugging Face transformers format"),
-    "import-nanochat": ("picochat.import_nanochat", "convert a nanochat checkpoint into a picochat one"),
-    "report":          ("picochat.report", "render the run's report card (report.md + plots)"),
+    "data":            ("picochat.stages.data", "download pretraining shards (data download -n N)"),
+    "tok-train":       ("picochat.stages.tok_train", "train the BPE tokenizer on the pretraining shards"),
+    "tok-eval":        ("picochat.stages.tok_eval", "compression (bytes/token) of our tokenizer vs GPT-2/GPT-4"),
+    "base-train":      ("picochat.stages.base_train", "pretrain a GPT; every hyperparameter follows from --depth"),
+    "base-eval":       ("picochat.stages.base_eval", "evaluate a base checkpoint: CORE, bits per byte, samples"),
+    "gen-identity":    ("picochat.stages.gen_identity", "write synthetic identity conversations for SFT"),
+    "chat-sft":        ("picochat.stages.chat_sft", "supervised finetuning into a chat model"),
+    "chat-rl":         ("picochat.stages.chat_rl", "reinforcement learning on GSM8K (simplified GRPO)"),
+    "chat-eval":       ("picochat.stages.chat_eval", "chat benchmarks: ARC, MMLU, GSM8K, HumanEval, SpellingBee; ChatCORE"),
+    "chat":            ("picochat.stages.chat_cli", "talk to a model in the terminal"),
+    "serve":           ("picochat.stages.serve", "OpenAI-compatible API server and web UI"),
+    "infer-bench":     ("picochat.stages.infer_bench", "inference benchmark: prefill, TTFT, TPOT, MBU/MFU"),
+    "export":          ("picochat.stages.export", "export a checkpoint to Hugging Face transformers format"),
+    "import-nanochat": ("picochat.stages.import_nanochat", "convert a nanochat checkpoint into a picochat one"),
+    "report":          ("picochat.stages.report", "render the run's report card (report.md + plots)"),
 }
 
 def usage() -> str:
@@ -42,7 +44,6 @@ def main(argv=None):
         return 0
     stage, rest = argv[0], argv[1:]
     if stage in ("-V", "--version"):
-        from picochat import __version__
         print(__version__)
         return 0
     if stage not in STAGES:

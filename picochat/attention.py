@@ -17,7 +17,6 @@ Example:
     python -c "from picochat import attention; print(attention.backend_name())"
 """
 import os
-import math
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +61,7 @@ def _load_fa3_uncached():
         _FA3_ERROR = f"compute capability {major}.x has no FA3 build (Hopper/Ampere only)"
         return None
     try:
-        from kernels import get_kernel
+        from kernels import get_kernel  # optional (the [gpu] extra): FA3 from the kernel hub
     except ImportError:
         _FA3_ERROR = "the `kernels` package is not installed (pip install -e '.[gpu]')"
         return None

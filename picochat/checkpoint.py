@@ -21,6 +21,7 @@ import os
 import re
 import json
 import shutil
+import signal
 import base64
 import random
 import hashlib
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file, load_file
 
-from picochat import __version__
+from picochat import __version__, gpt
+from picochat.tokenizer import Tokenizer, get_tokenizer
 from picochat.common import (get_base_dir, atomic_path, atomic_write_json, get_dist_info, barrier,
                              compute_dtype_for, logger)
 
@@ -60,21 +62,32 @@ def metrics_path(ckpt_dir) -> Path:
     return Path(ckpt_dir) / "metrics.jsonl"
 
 def find_largest_model(stage_dir) -> str:
-    """The model tag with the largest depth (d<N>), else the most recently modified tag directory."""
+    """The model tag whose newest complete checkpoint has the most layers (ties: the most recently modified tag
+    directory). The depth is read from the checkpoint's meta, not guessed from the tag's name."""
     stage_dir = Path(stage_dir)
     tags = [p for p in stage_dir.iterdir() if p.is_dir()] if stage_dir.is_dir() else []
     if not tags:
         raise FileNotFoundError(f"no checkpoints under {stage_dir}; train a model first "
                                 f"({PRODUCER.get(stage_dir.name, 'a training stage')})")
     # a crashed run without any complete checkpoint should not shadow a usable one
-    tags = [p for p in tags if find_last_step(p) is not None] or tags
-    depths = [(int(m.group(1)), p.name) for p in tags if (m := re.fullmatch(r"d(\d+)", p.name))]
-    if depths:
-        return max(depths)[1]
-    return max(tags, key=lambda p: p.stat().st_mtime).name
+    complete = [(p, step) for p in tags if (step := find_last_step(p)) is not None]
+    if not complete:
+        return max(tags, key=lambda p: p.stat().st_mtime).name
+    def depth(tag_step):
+        return read_meta(*tag_step).get("model_config", {}).get("n_layer", 0)
+    return max(complete, key=lambda ts: (depth(ts), ts[0].stat().st_mtime))[0].name
 
 SOURCES_BY_PREFERENCE = ("rl", "sft", "base")
 PRODUCER = {"base": "picochat base-train", "sft": "picochat chat-sft", "rl": "picochat chat-rl"}
+
+def find_tag(source: str, model_tag=None) -> str:
+    """The model tag to load from checkpoints/<source> (default: the largest), with an error naming the stage
+    that makes them."""
+    stage_dir = get_base_dir() / "checkpoints" / source
+    if model_tag and not (stage_dir / model_tag).is_dir():
+        raise FileNotFoundError(f"no {source} checkpoints for tag {model_tag!r} in {stage_dir}; "
+                                f"run `{PRODUCER[source]}` first or pick another --model-tag")
+    return model_tag or find_largest_model(stage_dir)
 
 def latest_source(model_tag=None) -> str:
     """The most finished stage with a complete checkpoint (rl > sft > base): what chat/serve/export load by default."""
@@ -183,7 +196,6 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizer, meta: dict, keep_last
     barrier()
     if os.environ.get("PICOCHAT_FAULT_SIGKILL_SAVE") == str(step):
         # fault injection for the atomicity test: die after the tensors, before the meta that completes them
-        import signal
         os.kill(os.getpid(), signal.SIGKILL)
     if rank == 0:
         meta = dict(meta)
@@ -212,7 +224,6 @@ def _copy_tokenizer_into(ckpt_dir: Path):
 
 def checkpoint_tokenizer(ckpt_dir):
     """The tokenizer a checkpoint was trained with: its own copy if it has one, else the global one."""
-    from picochat.tokenizer import Tokenizer, get_tokenizer
     own = Path(ckpt_dir) / "tokenizer"
     return Tokenizer.from_directory(own) if (own / "tokenizer.json").exists() else get_tokenizer()
 
@@ -323,13 +334,10 @@ def load_optimizer_state(ckpt_dir, step, rank) -> dict:
 
 def load_model_from_dir(ckpt_dir, step, device, phase="eval"):
     """(model, tokenizer, meta). The model is built for `device` in its compute dtype and loaded strictly."""
-    from picochat import gpt
     assert phase in ("eval", "train"), f"phase must be 'eval' or 'train', got {phase!r}"
     device = torch.device(device)
     state, meta = load_state(ckpt_dir, step, device)
-    cfg = dict(meta["model_config"])
-    cfg.setdefault("window_pattern", "L")  # very old checkpoints predate sliding windows
-    config = gpt.GPTConfig.from_dict(cfg)
+    config = gpt.GPTConfig.from_dict(meta["model_config"])
     tokenizer = checkpoint_tokenizer(ckpt_dir)
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise ValueError(f"tokenizer vocab size {tokenizer.get_vocab_size()} != checkpoint vocab size "
@@ -345,17 +353,19 @@ def load_model_from_dir(ckpt_dir, step, device, phase="eval"):
     return model, tokenizer, meta
 
 def load_model(source, device, phase="eval", model_tag=None, step=None):
-    """Load from checkpoints/<source>/<tag>; tag defaults to the largest model, step to the last complete."""
-    stage_dir = get_base_dir() / "checkpoints" / source
+    """Load from checkpoints/<source>/<tag>; tag defaults to the largest model, step to the last complete.
+    -> (model, tokenizer, meta); meta["source"], meta["model_tag"] and meta["step"] say what was resolved, so no
+    caller resolves it again."""
     if source not in STAGES:
         raise ValueError(f"unknown source {source!r}; expected one of {STAGES}")
-    model_tag = model_tag or find_largest_model(stage_dir)
-    ckpt_dir = stage_dir / model_tag
+    model_tag = find_tag(source, model_tag)
+    ckpt_dir = get_base_dir() / "checkpoints" / source / model_tag
     if step is None:
         step = find_last_step(ckpt_dir)
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
-    return load_model_from_dir(ckpt_dir, step, device, phase)
+    model, tokenizer, meta = load_model_from_dir(ckpt_dir, step, device, phase)
+    return model, tokenizer, {**meta, "source": source, "model_tag": model_tag, "step": step}
 
 # -----------------------------------------------------------------------------
 # metrics.jsonl: append-only; on resume rows at or beyond the resume step are dropped.

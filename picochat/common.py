@@ -12,6 +12,9 @@ import tempfile
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+import time
+import platform
+import resource
 
 import torch
 import torch.distributed as dist
@@ -153,7 +156,6 @@ def cpu_bf16_instructions() -> str:
 def probe_bf16_matmul_speedup(n: int = 512, seconds: float = 0.15) -> float:
     """bf16 / fp32 matmul throughput on this CPU, timed alternately for about 2 x `seconds` (well under a second):
     the instruction flag says the hardware can, this says torch's kernels actually do."""
-    import time
     a32, b32 = torch.randn(n, n), torch.randn(n, n)
     a16, b16 = a32.bfloat16(), b32.bfloat16()
     best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
@@ -307,9 +309,8 @@ def max_memory_allocated(device_type: str) -> int:
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated()
     try:
-        import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    except (ImportError, OSError):
+    except OSError:
         return 0
 
 def device_name(device_type: str) -> str:
@@ -317,7 +318,6 @@ def device_name(device_type: str) -> str:
         return torch.cuda.get_device_name()
     if device_type == "mps":
         return "Apple MPS"
-    import platform
     return platform.processor() or platform.machine() or "cpu"
 
 # -----------------------------------------------------------------------------
@@ -368,7 +368,6 @@ def measure_cpu_matmul_peak(n: int = 1024, iters: int = 10, dtype=torch.float32,
     """Measured matmul FLOP/s on this CPU in `dtype` (fp32 by default): the honest 'peak' for CPU MFU, taken
     in the dtype the run computes in (bf16 and fp32 peaks differ 3-4x on CPUs with native bf16). Stops early
     after max_seconds (an emulated bf16 matmul of this size takes seconds)."""
-    import time
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best, deadline = float("inf"), time.perf_counter() + max_seconds
@@ -397,7 +396,7 @@ def init_wandb(project: str, run: str, config: dict, master: bool):
     if not master or not run or run == "dummy":
         return DummyWandb()
     try:
-        import wandb
+        import wandb  # optional: only runs that ask for wandb need it installed
     except ImportError:
         logger.warning("--run was given but wandb is not installed; logging to metrics.jsonl only")
         return DummyWandb()

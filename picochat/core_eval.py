@@ -25,16 +25,118 @@ Two evaluators give the same per-item results (tests compare them item by item):
           computed at the scored positions only (the (B, T, V) logits never exist); language-modelling
           examples (one row each) are sorted by length before packing, so a batch pads little.
 """
+import csv
+import json
 import random
+import shutil
+import zipfile
+import tempfile
+from pathlib import Path
 
+import yaml
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
+from filelock import FileLock
 
-from picochat import common
+from picochat import common, fetch
+from picochat.common import get_base_dir, warn0, logger
 from picochat.gpt import KVCache
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+# -----------------------------------------------------------------------------
+# The CORE bundle: core.yaml, eval_meta_data.csv and eval_data/ (fetched from a mirror or the public zip)
+
+def _validate_zip(path):
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+        if bad is not None:
+            raise ValueError(f"corrupt member {bad}")
+
+
+def _fetch_zip_bundle(dest: Path):
+    zpath = get_base_dir() / "eval_bundle.zip"
+    fetch.download_locked("eval_bundle.zip", EVAL_BUNDLE_URL, zpath, validate=_validate_zip)
+    tmp = Path(tempfile.mkdtemp(prefix="eval_bundle.", dir=get_base_dir()))
+    try:
+        with zipfile.ZipFile(zpath) as z:
+            z.extractall(tmp)
+        found = [p.parent for p in tmp.rglob("core.yaml")]
+        if not found:
+            raise FileNotFoundError(f"{zpath} has no core.yaml; delete it and retry, or use --bundle-dir")
+        if not dest.exists():
+            found[0].rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bundle_dir(local_dir=None) -> Path:
+    """The directory holding core.yaml / eval_meta_data.csv / eval_data/ (fetching what is needed)."""
+    if local_dir:
+        d = Path(local_dir).expanduser()
+        if not (d / "core.yaml").exists():
+            raise FileNotFoundError(f"--bundle-dir {d} has no core.yaml (expected core.yaml, eval_meta_data.csv, "
+                                    "eval_data/...)")
+        return d
+    dest = get_base_dir() / "eval_bundle"
+    if fetch.get_mirror():
+        for name in ("core.yaml", "eval_meta_data.csv"):
+            fetch.download_locked(f"core/{name}", None, dest / name, progress=False)
+        return dest
+    if not (dest / "core.yaml").exists():
+        with FileLock(str(dest) + ".lock"):  # one rank downloads and unzips, the others wait
+            if not (dest / "core.yaml").exists():
+                _fetch_zip_bundle(dest)
+    return dest
+
+
+def _read_jsonl(path: Path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_core_tasks(local_dir=None, labels=None):
+    """-> (tasks, missing labels, number of tasks asked for). Each task: label, task_type, num_fewshot,
+    continuation_delimiter, random_baseline (percent), data (list of items)."""
+    root = bundle_dir(local_dir)
+    config = yaml.safe_load((root / "core.yaml").read_text(encoding="utf-8"))
+    baselines = {}
+    with open(root / "eval_meta_data.csv", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            baselines[r["Eval Task"]] = float(r["Random baseline"])
+    entries = config["icl_tasks"]
+    if labels:
+        unknown = set(labels) - {e["label"] for e in entries}
+        if unknown:
+            raise ValueError(f"unknown CORE task(s) {sorted(unknown)}; core.yaml has {[e['label'] for e in entries]}")
+        entries = [e for e in entries if e["label"] in labels]
+    tasks, missing, cache = [], [], {}
+    for e in entries:
+        uri = e["dataset_uri"].removeprefix("local_data/")  # DCLM's yaml prefix; the bundle's are relative
+        path = root / "eval_data" / uri
+        if not path.exists() and fetch.get_mirror() and not local_dir:
+            try:
+                fetch.download_locked(f"core/eval_data/{uri}", None, path, progress=False, retries=2)
+            except Exception as err:
+                logger.warning(f"CORE task {e['label']}: could not fetch {uri} ({err})")
+        if not path.exists():
+            missing.append(e["label"])
+            continue
+        if path not in cache:
+            cache[path] = _read_jsonl(path)
+        if e["label"] not in baselines:
+            raise ValueError(f"eval_meta_data.csv has no 'Random baseline' for task {e['label']!r}")
+        shots = e.get("num_fewshot", [0])
+        tasks.append({"label": e["label"], "task_type": e["icl_task_type"],
+                      "num_fewshot": shots[0] if isinstance(shots, list) else int(shots),
+                      "continuation_delimiter": e.get("continuation_delimiter", " "),
+                      "random_baseline": baselines[e["label"]], "data": cache[path]})
+    if missing:
+        warn0(f"CORE over {len(tasks)}/{len(entries)} tasks: missing data for {', '.join(missing)}")
+    return tasks, missing, len(entries)
+
 
 # -----------------------------------------------------------------------------
 # Prompt rendering (the reference's Jinja templates, written out in Python)

@@ -51,6 +51,7 @@ import threading
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from picochat import dataset
 from picochat.common import get_dist_info, logger
@@ -182,7 +183,7 @@ class _Packer:
 
     def restore(self, refs):
         """Refill the buffer with the referenced documents (pieces), in the given order."""
-        refs = [tuple(r) if len(r) == 4 else (*r, 0) for r in refs]  # version 1: [f, g, d]
+        refs = [tuple(r) for r in refs]
         docs = sorted({(f, g, d) for f, g, d, _ in refs})
         wanted = {}  # read each row group once, keep only the referenced documents' texts
         for f, g in sorted({(f, g) for f, g, _ in docs}):
@@ -262,8 +263,9 @@ def _select_state(resume_state, rank, world_size):
             raise ValueError(f"dataloader state was saved with {resume_state.get('world_size')} ranks, this run has "
                              f"{world_size}: exact resume needs the same world size (the optimizer shards do too)")
         resume_state = resume_state["ranks"][rank]
-    if resume_state.get("version") not in (1, STATE_VERSION):
-        raise ValueError(f"unsupported dataloader state version {resume_state.get('version')!r}")
+    if resume_state.get("version") != STATE_VERSION:
+        raise ValueError(f"unsupported dataloader state version {resume_state.get('version')!r} (this picochat reads "
+                         f"version {STATE_VERSION})")
     if (resume_state["rank"], resume_state["world_size"]) != (rank, world_size):
         raise ValueError(f"dataloader state belongs to rank {resume_state['rank']} of {resume_state['world_size']}, "
                          f"this is rank {rank} of {world_size}: save all ranks' states with gather_state()")
@@ -409,7 +411,6 @@ def pretrain_batches(tokenizer, B, T, split, device="cpu", data_dir=None, resume
 def gather_state(state: dict) -> dict:
     """All ranks' loader states as {"world_size": W, "ranks": [...]} (call on every rank; JSON-serializable).
     Uses JSON bytes in tensors rather than pickled objects."""
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return {"world_size": 1, "ranks": [state]}
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

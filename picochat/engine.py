@@ -9,7 +9,6 @@ the server, chat evals and RL.
         ...                                            # column: one token per sample; mask 0 = forced
     results, masks = engine.generate_batch(prompt, num_samples=4, max_tokens=256)
 
-    python -m picochat.engine                          # greedy Engine vs naive model.generate on a random model
 
 How generation works:
   * the prompt is prefilled ONCE at batch 1 into a KV cache (in the model's compute dtype), which is
@@ -47,6 +46,8 @@ from collections import deque
 import torch
 
 from picochat.common import logger
+from picochat.gpt import KVCache
+from picochat.sandbox import execute_code
 
 # -----------------------------------------------------------------------------
 # The calculator tool (reference semantics: commas removed; pure arithmetic without **; or a string
@@ -237,7 +238,6 @@ class Engine:
     # --- generation -----------------------------------------------------------------------------------
 
     def _kv_cache(self, batch_size, seq_len, model=None):
-        from picochat.gpt import KVCache
         return KVCache.for_model(model or self.model, batch_size, seq_len, device=self._device())
 
     def _device(self):
@@ -257,7 +257,6 @@ class Engine:
         """Calculator first; the sandbox (when enabled) for anything else. None = nothing to force."""
         result = use_calculator(expr)
         if result is None and self.sandbox and expr.strip():
-            from picochat.sandbox import execute_code
             r = execute_code(_sandbox_program(expr), timeout=self.sandbox_timeout)
             result = r.stdout.rstrip("\n") if r.success else (r.error or "error")
             result = result[:1000]
@@ -364,31 +363,26 @@ class TextStreamer:
         return out
 
 # -----------------------------------------------------------------------------
+# Greedy completions of fixed prompts: the quick "does it know anything yet" look of base-train and base-eval
 
-def main(argv=None):
-    """Check greedy Engine output against naive model.generate on a random tiny model."""
-    import argparse
-    import time
-    parser = argparse.ArgumentParser(description="Engine vs naive generate (greedy) on a random model")
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    args = parser.parse_args(argv)
-    from picochat.gpt import GPTConfig, build_model
-    from picochat.tokenizer import Tokenizer
-    corpus = ["The quick brown fox jumps over the lazy dog. 1234 héllo wörld"] * 20
-    tok = Tokenizer.train_from_iterator(iter(corpus), vocab_size=300)
-    cfg = GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=args.depth, n_head=2, n_kv_head=2,
-                    n_embd=64, window_pattern="SL")
-    model = build_model(cfg, torch.device("cpu"), torch.float32)
-    prompt = tok.encode("The quick brown", prepend="<|bos|>")
-    t0 = time.time()
-    naive = list(model.generate(prompt, max_tokens=args.max_tokens, temperature=0.0))
-    t1 = time.time()
-    out, _ = Engine(model, tok).generate_batch(prompt, max_tokens=args.max_tokens, temperature=0.0)
-    t2 = time.time()
-    ours = out[0][len(prompt):]
-    print(f"naive {t1 - t0:.2f}s  engine {t2 - t1:.2f}s  match: {ours == naive[:len(ours)]}")
-    return 0 if ours == naive[:len(ours)] else 1
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+
+def sample_prompts(model, tokenizer, max_tokens=16, prompts=SAMPLE_PROMPTS):
+    """Greedy completions of the sample prompts (each prompt + its completion, decoded)."""
+    engine = Engine(model, tokenizer)
+    bos = tokenizer.get_bos_token_id()
+    out = []
+    for prompt in prompts:
+        results, _ = engine.generate_batch(tokenizer.encode(prompt, prepend=bos), num_samples=1,
+                                           max_tokens=max_tokens, temperature=0)
+        out.append(tokenizer.decode(results[0]))
+    return out

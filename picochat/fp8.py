@@ -16,9 +16,9 @@ import contextlib
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from picochat.common import warn0
+from picochat.gpt import Linear  # our dtype-casting Linear (bias-free)
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -141,7 +141,6 @@ def convert_to_float8_training(model: nn.Module, module_filter_fn=None) -> int:
 def disable_fp8(model: nn.Module):
     """Temporarily swap Float8Linear modules for plain Linear shells built on meta and sharing the weights
     (no VRAM spike), e.g. for val bpb, CORE and sampling. Restored on exit."""
-    from picochat.gpt import Linear  # our dtype-casting Linear (bias-free)
 
     def make(m):
         with torch.device("meta"):

@@ -10,9 +10,9 @@ it is fp16), logits are upcast to fp32 before the softcap. No autocast.
 
 The state-dict keys are exactly nanochat's, so its checkpoints can be imported.
 
-CPU fast path (eager, no compile): hand-written backward for RMSNorm and ReLU^2, and lm_head + softcap + CE fused
-in row blocks (`FUSED_LOSS`) so the (B*T, V) logits never materialise. Same math as the plain path (tests
-compare them); CUDA keeps the plain ops for torch.compile to fuse.
+CPU fast path (eager, no compile; picochat/cpu_kernels.py): hand-written backward for RMSNorm and ReLU^2, and
+lm_head + softcap + CE fused in row blocks (GPT.fused_loss) so the (B*T, V) logits never materialise. Same math
+as the plain path (tests compare them); CUDA keeps the plain ops for torch.compile to fuse.
 
 Example:
     python -c "import torch; from picochat.gpt import *; m = build_model(GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64), 'cpu', torch.float32); print(m.num_scaling_params())"
@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from picochat import cpu_kernels
 from picochat.attention import attention, attention_with_kvcache, prepare as prepare_attention
+from picochat.optim import MuonAdamW
 
 ROPE_THETA = 100_000
 QK_SCALE = 1.2
@@ -104,31 +106,10 @@ def has_ve(layer_idx: int, n_layer: int) -> bool:
 # -----------------------------------------------------------------------------
 # Building blocks
 
-class _RMSNormCPU(torch.autograd.Function):
-    """Parameter-free RMSNorm with a hand-written backward in 3 passes. On CPU torch's rms_norm backward is
-    composite (~8 elementwise passes plus temporaries): measured ~4x slower, ~10% of a d6 training step."""
-
-    @staticmethod
-    def forward(ctx, x):
-        C = x.size(-1)
-        eps = torch.finfo(x.dtype).eps  # F.rms_norm's default
-        sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.rsqrt(sq.square_().div_(C).add_(eps)).to(x.dtype)
-        y = x * rstd
-        ctx.save_for_backward(y, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        y, rstd = ctx.saved_tensors
-        # dx = rstd * (g - y * mean(g * y))
-        m = torch.linalg.vecdot(g, y, dim=-1).unsqueeze(-1).div_(y.size(-1))
-        return torch.addcmul(g, y, m, value=-1.0).mul_(rstd)
-
 def norm(x):
     """Parameter-free RMSNorm over the last dim (default eps)."""
     if x.device.type == "cpu":
-        return _RMSNormCPU.apply(x)
+        return cpu_kernels.rms_norm(x)
     return F.rms_norm(x, (x.size(-1),))
 
 class Linear(nn.Linear):
@@ -195,23 +176,8 @@ class CausalSelfAttention(nn.Module):
                                        pos=kv_cache.get_pos(), scale=scale)
         return self.c_proj(y.reshape(B, T, H * D))
 
-class _ReluSquared(torch.autograd.Function):
-    """relu(x)^2 saving only relu(x); backward 2*relu(x)*g. Autograd's composite (clamp_min, pow, pow backward,
-    threshold_backward) makes ~3 more full passes over the 4C-wide activations: ~1 s of a d6 CPU step."""
-
-    @staticmethod
-    def forward(ctx, x):
-        r = torch.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, g):
-        (r,) = ctx.saved_tensors
-        return torch.mul(r, g).mul_(2)
-
 def relu_squared(x):
-    return _ReluSquared.apply(x) if x.device.type == "cpu" else F.relu(x).square()
+    return cpu_kernels.relu_squared(x) if x.device.type == "cpu" else F.relu(x).square()
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -288,81 +254,6 @@ class KVCache:
             self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
 
 # -----------------------------------------------------------------------------
-# Fused lm_head + softcap + cross-entropy (training on CPU)
-
-class _ChunkedSoftcapCE(torch.autograd.Function):
-    """loss = CE(softcap(x @ W^T)[:, :V], targets), computed a block of rows at a time, with the gradients
-    computed in the same pass (the backward only rescales). The (N, V) logits never exist in full: on a 2-core
-    CPU that tensor (2 GB at B*T=16k, V=32k) and its elementwise passes cost ~20% of a d6 step.
-    Gradients only for reduction mean/sum (each row's gradient does not depend on the upstream gradient then);
-    reduction "none" is forward-only (evaluation). `need_grad` is passed in because Function.forward always
-    runs with grad mode off."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, reduction, chunk, need_grad):
-        N, V = x.size(0), vocab_size
-        w = weight.to(dtype=x.dtype)
-        wt = w.t()
-        assert not (need_grad and reduction == "none"), "the fused loss has no gradient for reduction='none'"
-        gx = torch.empty_like(x) if need_grad else None
-        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 math (fp64 in the fp64 tests)
-        gw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_grad else None
-        valid = (targets != -1)
-        n_valid = valid.sum()
-        row_loss = torch.empty(N, dtype=acc, device=x.device)
-        chunk = min(chunk, N)
-        # preallocated block buffers: a fresh large allocation per op would page-fault on every block on CPU
-        mm_buf = torch.empty(chunk, weight.size(0), dtype=x.dtype, device=x.device)
-        z_buf = torch.empty(chunk, V, dtype=acc, device=x.device)
-        e_buf = torch.empty(chunk, V, dtype=acc, device=x.device)
-        xs = x * (1.0 / SOFTCAP)  # fold the softcap's 1/15 into the (small) input instead of the logits
-        for s in range(0, N, chunk):
-            n = min(chunk, N - s)
-            xc, tc, vc = xs[s:s + n], targets[s:s + n], valid[s:s + n]
-            torch.mm(xc, wt, out=mm_buf[:n])
-            z = z_buf[:n]
-            torch.tanh(mm_buf[:n, :V], out=z)     # z = tanh(l/15) (fp32 even when x is bf16)
-            z.mul_(SOFTCAP)                        # z = softcapped logits, |z| <= 15
-            tsafe = tc.clamp(min=0).unsqueeze(1)
-            e = torch.exp(z, out=e_buf[:n])        # no max-subtraction needed: |z| <= 15 cannot overflow
-            sumexp = e.sum(dim=1)
-            row_loss[s:s + n] = torch.log(sumexp) - z.gather(1, tsafe).squeeze(1)
-            if need_grad:
-                # d loss_row / d l = (softmax - onehot) * (1 - tanh^2); ignored rows get 0
-                e.mul_((vc / sumexp).unsqueeze(1))                     # softmax (masked rows -> 0)
-                e.scatter_add_(1, tsafe, -vc.to(e.dtype).unsqueeze(1))  # - onehot
-                z.mul_(z)                                               # z^2 = 225 tanh^2
-                torch.addcmul(e, e, z, value=-1.0 / SOFTCAP ** 2, out=e)
-                g = e
-                if V != weight.size(0):
-                    g = F.pad(g, (0, weight.size(0) - V))
-                g = g.to(x.dtype)
-                torch.mm(g, w, out=gx[s:s + n])
-                gw.addmm_(g.t().to(acc), x[s:s + n].to(acc))  # no-op casts in fp32
-        row_loss.mul_(valid)  # ignored positions contribute 0 (as F.cross_entropy)
-        if reduction == "none":
-            return row_loss
-        total = row_loss.sum()
-        scale = (1.0 / n_valid.clamp(min=1).to(acc)) if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
-        if reduction == "mean":
-            # all-ignored batches give NaN, like F.cross_entropy (0/0: callers must guard)
-            loss = torch.where(n_valid > 0, total * scale, torch.full_like(total, float("nan")))
-        else:
-            loss = total
-        if need_grad:
-            ctx.save_for_backward(gx, gw, scale)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        gx, gw, scale = ctx.saved_tensors
-        s = grad_loss * scale
-        return (gx * s.to(gx.dtype), (gw * s).to(gw.dtype), None, None, None, None, None)
-
-FUSED_LOSS = "auto"  # "auto" = on CPU; True / False to force (tests compare both)
-FUSED_LOSS_CHUNK = 1024  # rows per block: bigger blocks mean fewer read-modify-writes of the (V, C) weight grad
-
-# -----------------------------------------------------------------------------
 # The model
 
 class GPT(nn.Module):
@@ -374,6 +265,9 @@ class GPT(nn.Module):
         self.compute_dtype = compute_dtype
         # embedding tables live in the compute dtype (fp16 has too little range: keep those fp32)
         self.embed_dtype = torch.float32 if compute_dtype == torch.float16 else compute_dtype
+        # the fused lm_head + CE of cpu_kernels: None = on CPU only; True / False force it (tests compare both)
+        self.fused_loss = None
+        self.fused_loss_chunk = 1024  # rows per block: bigger blocks, fewer read-modify-writes of the weight grad
         C, Hkv = config.n_embd, config.n_kv_head
         D = C // config.n_head
         V = padded_vocab_size(config.vocab_size)
@@ -490,8 +384,8 @@ class GPT(nn.Module):
         x = self.final_hidden(idx, kv_cache)
         V = self.config.vocab_size
         if targets is not None and self._use_fused(x, loss_reduction):
-            return _ChunkedSoftcapCE.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                           V, loss_reduction, FUSED_LOSS_CHUNK, torch.is_grad_enabled())
+            return cpu_kernels.chunked_softcap_ce(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                                  V, SOFTCAP, loss_reduction, self.fused_loss_chunk)
         logits = self.logits(x)
         if targets is None:
             return logits
@@ -502,16 +396,15 @@ class GPT(nn.Module):
     def _use_fused(self, x, reduction) -> bool:
         if reduction not in ("mean", "sum", "none") or (reduction == "none" and torch.is_grad_enabled()):
             return False  # bad values get the plain path's error; per-token losses with grad (RL) too
-        if FUSED_LOSS == "auto":
+        if self.fused_loss is None:
             return x.device.type == "cpu"
-        return bool(FUSED_LOSS)
+        return self.fused_loss
 
     # -- optimizer -------------------------------------------------------------
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
         """MuonAdamW with the reference's groups: AdamW for the embeddings, lm_head and scalars (each with its
         own LR and betas), Muon for every matrix inside the blocks, one group per shape."""
-        from picochat.optim import MuonAdamW
         dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
         def adamw(params, lr, betas, wd):
             return dict(kind="adamw", params=list(params), lr=lr, betas=betas, eps=1e-10, weight_decay=wd)

@@ -37,10 +37,9 @@ so schedule changes do not recompile); on CPU they run eagerly so the first step
 params use torch's fused CPU AdamW kernel (same formula, one pass, ~20x faster than eager ops).
 Missing grads (p.grad None) count as zero so every rank runs the same collectives.
 
-Collectives: torch 2.13's gloo has ReduceOp.AVG, reduce_scatter_tensor and all_gather_into_tensor; for
-backends that lack them the helpers fall back to SUM-then-divide, all_reduce-then-slice and list all_gather
-(same math, same sharded state layout). The Muon all-gather writes into the stacked-grad buffer, and the AdamW
-all-gather is in place (the input is this rank's slice of the param), as the reference does with NCCL.
+Collectives: ReduceOp.AVG all-reduce / reduce-scatter and all_gather_into_tensor, native in NCCL and in gloo
+(so CPU multi-process runs take the same path). The Muon all-gather writes into the stacked-grad buffer, and the
+AdamW all-gather is in place (the input is this rank's slice of the param), as the reference does with NCCL.
 
 Example:
     groups = [dict(kind="adamw", params=[emb], lr=0.2, betas=(0.8, 0.995), eps=1e-10, weight_decay=0.0),
@@ -157,67 +156,32 @@ def _fused(fn, device):
     return _compiled[fn]
 
 # -----------------------------------------------------------------------------
-# Collectives with fallbacks. torch 2.13's gloo supports ReduceOp.AVG, reduce_scatter_tensor and
-# all_gather_into_tensor (checked), but older gloo builds lack AVG and the *_tensor collectives, so each helper
-# tries the native call and, if the backend refuses it, does the same math another way (SUM then divide;
-# all_reduce then slice; list all_gather). REFUSE_NATIVE lets the tests exercise the fallbacks: it names the
-# native ops to treat as unsupported ("all_reduce_avg", "reduce_scatter_avg", "reduce_scatter_sum",
-# "all_gather_single").
-
-REFUSE_NATIVE = frozenset()
-_native_ok = {}  # (backend, op name) -> False once the backend refused it
-
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
-_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+# Collectives. NCCL and gloo (torch >= 2.11) both do ReduceOp.AVG, reduce_scatter_tensor and
+# all_gather_into_tensor, so each helper is one async native call; _Pending gives the world-size-1 case (no
+# process group) the same wait() interface.
 
 class _Pending:
-    """An async collective plus the local work that completes it (divide, slice) after it finishes."""
-    def __init__(self, work=None, after=None):
-        self.work, self.after = work, after
+    """An async collective (or nothing to wait for)."""
+    def __init__(self, work=None):
+        self.work = work
     def wait(self):
         if self.work is not None:
             self.work.wait()
-        if self.after is not None:
-            self.after()
-        self.work = self.after = None
-
-def _try_native(name, fn):
-    """Run fn() (launching a native collective); None if this backend cannot do it (remembered)."""
-    key = (dist.get_backend(), name)
-    if name in REFUSE_NATIVE or _native_ok.get(key) is False or fn is None:
-        return None
-    try:
-        return fn()
-    except (RuntimeError, NotImplementedError, ValueError):
-        _native_ok[key] = False
-        return None
+        self.work = None
 
 def all_reduce_avg(t, world):
     """In-place mean of t over ranks."""
     if world == 1:
         return _Pending()
-    work = _try_native("all_reduce_avg", lambda: dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True))
-    if work is not None:
-        return _Pending(work)
-    return _Pending(dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True), lambda: t.div_(world))
+    return _Pending(dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True))
 
 def reduce_scatter_avg(out, inp, world, rank):
-    """out = (mean of inp over ranks)[rank-th chunk along dim 0]. inp may be overwritten."""
+    """out = (mean of inp over ranks)[rank-th chunk along dim 0]."""
     if world == 1:
         if out.data_ptr() != inp.data_ptr():
             out.copy_(inp)
         return _Pending()
-    op_avg = lambda: _reduce_scatter_single(out, inp, op=dist.ReduceOp.AVG, async_op=True)
-    work = _try_native("reduce_scatter_avg", op_avg if _reduce_scatter_single else None)
-    if work is not None:
-        return _Pending(work)
-    op_sum = lambda: _reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, async_op=True)
-    work = _try_native("reduce_scatter_sum", op_sum if _reduce_scatter_single else None)
-    if work is not None:
-        return _Pending(work, lambda: out.div_(world))
-    # no reduce-scatter at all: all-reduce the whole tensor, keep our chunk (same math, more traffic)
-    work = dist.all_reduce(inp, op=dist.ReduceOp.SUM, async_op=True)
-    return _Pending(work, lambda: torch.div(inp.chunk(world)[rank], world, out=out))
+    return _Pending(dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.AVG, async_op=True))
 
 def all_gather_dim0(out, inp, world):
     """out = concat over ranks of inp along dim 0 (inp may be this rank's slice of out)."""
@@ -225,12 +189,7 @@ def all_gather_dim0(out, inp, world):
         if out.data_ptr() != inp.data_ptr():
             out.copy_(inp)
         return _Pending()
-    work = _try_native("all_gather_single", (lambda: _all_gather_single(out, inp, async_op=True))
-                       if _all_gather_single else None)
-    if work is not None:
-        return _Pending(work)
-    src = inp.clone()  # the list form may not tolerate the input aliasing one of the outputs
-    return _Pending(dist.all_gather(list(out.chunk(world)), src, async_op=True))
+    return _Pending(dist.all_gather_into_tensor(out, inp, async_op=True))
 
 def _dist_world_rank():
     if dist.is_available() and dist.is_initialized():

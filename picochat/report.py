@@ -17,14 +17,14 @@ optionally val_bpb); the tag is the section's "model_tag" if it logged one, else
 """
 import os
 import re
-import sys
 import json
 import math
 import platform
-import argparse
 import subprocess
 import datetime as dt
 from pathlib import Path
+
+import torch
 
 from picochat.common import get_base_dir, atomic_path, atomic_write_json, atomic_write_text, get_dist_info, logger
 
@@ -111,7 +111,6 @@ def hardware_info() -> dict:
         info["ram_gb"] = None
     gpus = []
     try:
-        import torch
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):
                 p = torch.cuda.get_device_properties(i)
@@ -248,9 +247,10 @@ def _savefig(fig, path: Path):
 
 def make_plots(sections: dict) -> dict:
     """Write PNGs into report/; returns {title: filename} for the ones that had data."""
-    import matplotlib
+    # heavy (about a second to import) and only needed here; the backend must be chosen before pyplot loads
+    import matplotlib  # heavy, see above
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy, see above
 
     series = {}   # stage -> rows
     for stage, slug in PLOT_STAGES:
@@ -419,22 +419,3 @@ def generate(copy_to_cwd: bool = True) -> Path:
             except OSError as e:
                 logger.warning(f"could not copy report.md to {dest}: {e}")
     return path
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="picochat report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", nargs="?", default="generate", choices=["generate", "reset"])
-    p.add_argument("--no-copy", action="store_true", help="do not copy report.md into the current directory")
-    args = p.parse_args(argv)
-    if get_dist_info()[1] != 0:
-        return 0
-    if args.action == "reset":
-        path = reset()
-        print(f"report reset; environment written to {path}")
-    else:
-        path = generate(copy_to_cwd=not args.no_copy)
-        print(f"report written to {path}" + ("" if args.no_copy else " (and ./report.md)"))
-    return 0
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,6 +20,9 @@ import hashlib
 from pathlib import Path
 
 import torch
+import tiktoken
+import rustbpe
+from safetensors.torch import load_file, save_file
 
 from picochat.common import get_base_dir, atomic_path, atomic_write_text, logger
 
@@ -46,7 +49,6 @@ class TokenizerFileError(ValueError):
 
 
 def _build_encoding(pattern: str, ranks: list, name: str = "picochat"):
-    import tiktoken
     mergeable = {b: i for i, b in enumerate(ranks)}
     specials = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
     return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable, special_tokens=specials)
@@ -70,7 +72,6 @@ class Tokenizer:
         """Train on an iterator of strings. vocab_size counts the 9 specials, so rustbpe is asked
         for vocab_size - 9 ordinary tokens. When the corpus has fewer distinct pairs than that,
         rustbpe stops early: we warn and the tokenizer's vocab is the smaller, actual size."""
-        import rustbpe
         if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
             raise ValueError(f"vocab_size={vocab_size!r} is too small: it must be an int >= {MIN_VOCAB} "
                              f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
@@ -100,7 +101,6 @@ class Tokenizer:
 
     def save(self, path):
         """Write tokenizer.json and token_bytes.safetensors into directory `path`, each atomically."""
-        from safetensors.torch import save_file
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path / TOKENIZER_FILE, json.dumps(self.to_dict(), ensure_ascii=True) + "\n")
@@ -337,7 +337,6 @@ def get_tokenizer() -> Tokenizer:
 
 def get_token_bytes(device="cpu") -> torch.Tensor:
     """int32 (vocab,) raw byte length per token (0 for specials), for bits-per-byte."""
-    from safetensors.torch import load_file
     file = tokenizer_dir() / TOKEN_BYTES_FILE
     if not file.exists():
         raise FileNotFoundError(f"no {TOKEN_BYTES_FILE} at {file}: run `picochat tok-train` first")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from picochat.base_train import build_parser, derive, lr_multiplier, muon_momentum, muon_weight_decay
+from picochat.stages.base_train import build_parser, derive, lr_multiplier, muon_momentum, muon_weight_decay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,7 +190,7 @@ def test_kill_and_resume_is_bitwise_exact_then_base_eval(tiny_home, request):
 def test_budget_refit_keeps_the_schedule():
     """The refit step lies before the warmdown of both the first and the refit horizon, so the LR multiplier of
     every step already taken is the same under either horizon."""
-    from picochat.base_train import budget_refine_step, lr_multiplier
+    from picochat.stages.base_train import budget_refine_step, lr_multiplier
     for n in [40, 100, 479, 1153, 10_000]:
         at = budget_refine_step(10, n, 0.65)
         if at is None:
@@ -204,7 +204,7 @@ def test_budget_refit_keeps_the_schedule():
 def test_horizon_for_budget_fits_the_wall_clock():
     """The chosen horizon's simulated wall time (steps + periodic and final val evals) fits the budget, and
     one more step's worth of training would not have fitted by much."""
-    from picochat.base_train import horizon_for_budget
+    from picochat.stages.base_train import horizon_for_budget
     for budget, elapsed, step, step_s, eval_s, every in [(900, 40, 10, 0.7, 12.0, 100), (60, 20, 10, 0.5, 0.0, -1),
                                                         (3600, 300, 10, 2.0, 60.0, 250), (120, 30, 10, 0.1, 3.0, 5)]:
         n = horizon_for_budget(budget, elapsed, step, step_s, eval_s, every)
@@ -232,7 +232,7 @@ def test_time_budget_run_with_split_docs(tiny_home):
     wall = time.time() - t0
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
-    from picochat.base_train import budget_refine_step
+    from picochat.stages.base_train import budget_refine_step
     fits = re.findall(r"--max-time-s 15: .* -> horizon ([\d,]+) iterations( \(refit\))?", out)
     first = int(fits[0][0].replace(",", ""))
     # fixed after the probe steps, then refit once before the warmdown when the first horizon leaves room for it

@@ -3,7 +3,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

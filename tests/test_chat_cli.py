@@ -53,7 +53,7 @@ def test_one_shot_prompt(tiny_home):
 def test_interactive_via_stdin(tiny_home, tiny_tokenizer, monkeypatch, capsys):
     # in-process (a second interpreter start costs ~10 s on a loaded box); input() reads this stdin
     import io
-    from picochat import chat_cli
+    from picochat.stages import chat_cli
     monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n\nand then\nclear\nwhat now?\nexit\nnever read\n"))
     prompts = []
     real = chat_cli.stream_reply
@@ -75,14 +75,14 @@ def test_interactive_via_stdin(tiny_home, tiny_tokenizer, monkeypatch, capsys):
 
 
 def test_base_model_continuation_in_process(tiny_home, capsys):
-    from picochat.chat_cli import main
+    from picochat.stages.chat_cli import main
     assert main(["-i", "base", "-p", "The quick", "-m", "5", "--seed", "0", "--device-type", "cpu"]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("The quick") and "base" in out.err
 
 
 def test_tokens_to_parts(tiny_tokenizer):
-    from picochat.chat_cli import tokens_to_parts
+    from picochat.stages.chat_cli import tokens_to_parts
     tok = tiny_tokenizer
     sp = tok.encode_special
     ids = (tok.encode("Let me compute. ") + [sp("<|python_start|>")] + tok.encode("2+3") + [sp("<|python_end|>")]
@@ -93,6 +93,6 @@ def test_tokens_to_parts(tiny_tokenizer):
 
 
 def test_no_checkpoint_is_a_clear_error(picochat_home, capsys):
-    from picochat.chat_cli import main
+    from picochat.stages.chat_cli import main
     assert main(["-p", "hi", "--device-type", "cpu"]) == 2  # a user's mistake: exit code 2, one line
     assert "no complete checkpoint" in capsys.readouterr().err

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from picochat import fetch, gen_identity
-from picochat.chat_sft import SFTLoader, accumulate_gradients, lr_multiplier
+from picochat import fetch
+from picochat.stages import gen_identity
+from picochat.stages.chat_sft import SFTLoader, accumulate_gradients, lr_multiplier
 from picochat.gpt import GPTConfig, build_model
-from picochat.tasks import CustomJSON, BASELINES
+from picochat.tasks import CustomJSON, BASELINES, make_task
 
 from test_tasks import make_tiny_mirror
 
@@ -146,6 +147,14 @@ def test_lr_schedule_shape():
 # -----------------------------------------------------------------------------
 # Identity conversations
 
+def test_identity_task_reads_what_gen_identity_wrote(picochat_home):
+    # reading the mixture never generates data: without the file the error names the stage that writes it
+    with pytest.raises(FileNotFoundError, match="picochat gen-identity"):
+        make_task("identity", "train")
+    assert not (picochat_home / "identity_conversations.jsonl").exists()
+    assert gen_identity.main(["--num", "12"]) == 0
+    assert len(make_task("identity", "train")) == 12
+
 def test_gen_identity_templates(tmp_path, picochat_home):
     out = tmp_path / "id.jsonl"
     assert gen_identity.main(["--num", "300", "--output", str(out), "--seed", "1"]) == 0
@@ -239,7 +248,8 @@ def test_gen_identity_api_path(tmp_path, picochat_home, capsys):
 # Tiny end-to-end on CPU: base checkpoint -> chat-sft -> chat-rl -> chat-eval
 
 def test_end_to_end_cpu(tmp_path, picochat_home, tiny_tokenizer, monkeypatch, capsys):
-    from picochat import checkpoint, chat_sft, chat_rl, chat_eval
+    from picochat import checkpoint
+    from picochat.stages import chat_sft, chat_rl, chat_eval
     mirror = make_tiny_mirror(tmp_path / "mirror")
     fetch.set_mirror(None)
     monkeypatch.setenv("PICOCHAT_MIRROR", str(mirror))
@@ -332,7 +342,7 @@ class _RiggedModel(torch.nn.Module):
 
 
 def test_categorical_uses_answer_position(tmp_path, picochat_home, tiny_tokenizer, monkeypatch):
-    from picochat.chat_eval import run_categorical
+    from picochat.task_eval import run_categorical
     from picochat.tasks import MMLU
     from test_tasks import MMLU_ROWS
     mirror = make_tiny_mirror(tmp_path / "mirror")

@@ -34,8 +34,8 @@ def ck(tmp_path):
     return tmp_path / "ckpts"
 
 
-def _save(d, step, model=None, opt=None, **kw):
-    save_checkpoint(d, step, model or Tiny(), opt or FakeOpt(), {"model_config": {"n_layer": 1}}, **kw)
+def _save(d, step, model=None, opt=None, n_layer=1, **kw):
+    save_checkpoint(d, step, model or Tiny(), opt or FakeOpt(), {"model_config": {"n_layer": n_layer}}, **kw)
 
 
 def test_roundtrip_and_layout(ck, picochat_home):
@@ -179,8 +179,9 @@ def test_load_model_from_bf16_gpt_checkpoint_on_cpu(picochat_home, tiny_tokenize
 def test_find_largest_model_prefers_complete_runs(picochat_home):
     from picochat.checkpoint import find_largest_model
     stage = picochat_home / "checkpoints" / "base"
-    _save(stage / "d4", 2)
-    _save(stage / "d12", 2)
+    _save(stage / "d4", 2, n_layer=4)
+    _save(stage / "wide", 2, n_layer=12)  # the depth comes from the meta, whatever the tag is called
+    _save(stage / "d6", 2, n_layer=6)
     (stage / "d26").mkdir()  # a run that crashed before its first complete checkpoint
     (stage / "d26" / "model_000010.safetensors").write_bytes(b"partial")
-    assert find_largest_model(stage) == "d12"
+    assert find_largest_model(stage) == "wide"

@@ -203,7 +203,7 @@ def test_fast_evaluator_same_items_as_plain_on_real_core_tasks(shared_data, tiny
     from picochat import attention, core_eval
     if share_min is not None:
         monkeypatch.setattr(core_eval, "SHARE_MIN_TOKENS", share_min)
-    from picochat.base_eval import load_core_tasks
+    from picochat.core_eval import load_core_tasks
     from picochat.core_eval import evaluate_task, evaluate_task_fast
     from picochat.gpt import GPTConfig, build_model
     attention.OVERRIDE = "sdpa"

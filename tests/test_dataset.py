@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from picochat import dataset, fetch
+from picochat.stages import data as data_stage
 
 
 def _write(path, texts, row_group_size=None, column="text"):
@@ -101,6 +102,6 @@ def test_plan_with_shared_mirror_manifest(shared_data, monkeypatch):
 
 
 def test_info_cli(corpus, capsys):
-    assert dataset.main(["info", "--data-dir", str(corpus)]) == 0
+    assert data_stage.main(["info", "--data-dir", str(corpus)]) == 0
     out = capsys.readouterr().out
     assert "3 parquet files" in out and "val" in out

@@ -4,7 +4,7 @@ import argparse
 import pytest
 
 from picochat import common
-from picochat import base_eval, chat_eval, chat_sft
+from picochat.stages import base_eval, chat_eval, chat_sft
 
 def test_fill_sized_defaults_by_device():
     table = dict(eval_tokens=(20971520, 65536), max_problems=(-1, 100))

@@ -290,7 +290,7 @@ def test_text_streamer_multibyte(tiny_tokenizer):
 
 def test_infer_bench_random_init_json(picochat_home, capsys):
     import json
-    from picochat.infer_bench import main
+    from picochat.stages.infer_bench import main
     assert main(["--random-init", "--depth", "1", "--max-seq-len", "64", "--window-pattern", "L", "--vocab-size", "256",
                  "--device-type", "cpu", "--prompt-tokens", "16", "--decode-tokens", "4", "--batch-sizes", "1,2"]) == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -38,7 +38,7 @@ def tiny_model(vocab_size, seed=0):
 
 @pytest.fixture
 def exported(tmp_path, tiny_tokenizer):
-    from picochat.export import export_hf
+    from picochat.stages.export import export_hf
     model = tiny_model(tiny_tokenizer.get_vocab_size())
     out = export_hf(model, tiny_tokenizer, tmp_path / "hf")
     return model, out
@@ -94,7 +94,7 @@ def _write_nanochat_checkpoint(root, model, tokenizer, step=7):
 
 def test_import_nanochat_round_trip(tmp_path, picochat_home, tiny_tokenizer):
     from picochat.checkpoint import load_model
-    from picochat.import_nanochat import import_checkpoint
+    from picochat.stages.import_nanochat import import_checkpoint
     model = tiny_model(tiny_tokenizer.get_vocab_size(), seed=3)
     ckpt = _write_nanochat_checkpoint(tmp_path / "nanochat", model, tiny_tokenizer)
     with pytest.raises(PermissionError, match="--allow-pickle"):
@@ -109,7 +109,7 @@ def test_import_nanochat_round_trip(tmp_path, picochat_home, tiny_tokenizer):
 
 
 def test_import_rejects_bad_inputs(tmp_path, picochat_home, tiny_tokenizer):
-    from picochat.import_nanochat import import_checkpoint, read_nanochat_tokenizer
+    from picochat.stages.import_nanochat import import_checkpoint, read_nanochat_tokenizer
     model = tiny_model(tiny_tokenizer.get_vocab_size())
     ckpt = _write_nanochat_checkpoint(tmp_path / "nanochat", model, tiny_tokenizer)
     # an older architecture: no smear / backout parameters

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from picochat import fetch, dataset
+from picochat.stages import data as data_stage
 
 CLIENT_TIMEOUT = 0.5
 SLOW_SECONDS = 1.5  # > CLIENT_TIMEOUT: the client must give up and retry
@@ -139,7 +140,7 @@ def test_data_download_cli_with_faults_then_nothing_to_do(fault_server, shared_d
         "pretrain/manifest.json": ["500"],
     }
     args = ["download", "-n", "1", "-w", "2", "--mirror", fault_server.url, "--timeout", str(CLIENT_TIMEOUT)]
-    assert dataset.main(args) == 0
+    assert data_stage.main(args) == 0
     out = picochat_home / "data" / "climbmix"
     # the manifest says shard_00006 is the validation shard, so -n 1 -> shard 0 + shard 6
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
@@ -149,7 +150,7 @@ def test_data_download_cli_with_faults_then_nothing_to_do(fault_server, shared_d
         assert p.read_bytes() == (src / p.name).read_bytes()
     assert dataset.split_files("val") == [out / "shard_00006.parquet"]
     fault_server.counts.clear()
-    assert dataset.main(args) == 0
+    assert data_stage.main(args) == 0
     assert not [k for k in fault_server.counts if k.endswith(".parquet")], fault_server.counts
 
 
@@ -241,12 +242,12 @@ def test_local_directory_mirror(tmp_path, monkeypatch):
     warnings = []
     monkeypatch.setattr(dataset.logger, "warning", lambda msg, *a, **k: warnings.append(msg))
     out = tmp_path / "data"
-    assert dataset.main(["download", "-n", "10", "--data-dir", str(out)]) == 0
+    assert data_stage.main(["download", "-n", "10", "--data-dir", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.parquet")) == [s["file"] for s in shards]
     assert any("only 3" in w for w in warnings), warnings
     # a corrupt local mirror file is reported, naming it, without endless retries
     bad = mirror / "pretrain" / "shard_00002.parquet"
     bad.write_bytes(b"not parquet")
     (out / "shard_00002.parquet").unlink()
-    assert dataset.main(["download", "-n", "3", "--data-dir", str(out)]) == 1
+    assert data_stage.main(["download", "-n", "3", "--data-dir", str(out)]) == 1
     assert not (out / "shard_00002.parquet").exists() and not _leftovers(out)

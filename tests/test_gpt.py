@@ -204,10 +204,10 @@ def reference_ce(logits, targets):
     return nll * (targets != -1)
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_loss_reductions_and_ignore_index(monkeypatch, fused):
-    monkeypatch.setattr(G, "FUSED_LOSS", fused)
-    monkeypatch.setattr(G, "FUSED_LOSS_CHUNK", 24)  # several chunks, one partial
+def test_loss_reductions_and_ignore_index(fused):
     model = tiny()
+    model.fused_loss = fused
+    model.fused_loss_chunk = 24  # several chunks, one partial
     idx = torch.randint(0, 300, (2, 40))
     tgt = torch.randint(0, 300, (2, 40))
     tgt[0, :7] = -1
@@ -226,17 +226,17 @@ def test_loss_reductions_and_ignore_index(monkeypatch, fused):
         torch.testing.assert_close(model(idx, tgt, loss_reduction="none"), nll.flatten())
         torch.testing.assert_close(model(idx, tgt), nll.sum() / n_valid)
     with pytest.raises(ValueError, match="loss_reduction"):
-        G.FUSED_LOSS = False
+        model.fused_loss = False
         model(idx, tgt, loss_reduction="avg")
 
-def test_fused_loss_gradients_match_plain(monkeypatch):
+def test_fused_loss_gradients_match_plain():
     model = tiny(vocab_size=300)
     idx = torch.randint(0, 300, (2, 40))
     tgt = torch.randint(0, 300, (2, 40))
     tgt[0, :5] = -1
     grads = {}
     for fused in (True, False):
-        monkeypatch.setattr(G, "FUSED_LOSS", fused)
+        model.fused_loss = fused
         model.zero_grad()
         (model(idx, tgt) * 1.7).backward()
         grads[fused] = [p.grad.clone() for p in model.parameters()]

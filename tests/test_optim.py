@@ -323,7 +323,7 @@ def test_group_validation_errors():
 # 2 processes (gloo) == 1 process on the same global batch
 
 DIST_SHAPES = [(7,), (3, 5), (64, 32), (33, 40),          # adamw: 2 small (all-reduce), even big (reduce-scatter),
-               (16, 24), (16, 24), (16, 24),              # odd-rows big (all-reduce fallback); muon K=3 (padded),
+               (16, 24), (16, 24), (16, 24),              # odd-rows big (all-reduce); muon K=3 (padded),
                (40, 16), (24, 24), (24, 24)]              # muon K=1 (rank 1 owns only padding), muon K=2
 DIST_STEPS, DIST_RESUME_STEPS, GLOBAL_BATCH = 4, 2, 4
 
@@ -368,24 +368,14 @@ def _dist_scenario(rank, world, outdir, tag):
     out["resumed_exact"] = torch.tensor(int(resumed_exact))
     save_file(out, os.path.join(outdir, f"{tag}_params_rank{rank}.safetensors"))
 
-FALLBACK_SCENARIOS = {  # which native collectives to pretend the backend lacks (older gloo builds)
-    "native": (),
-    "no_avg": ("all_reduce_avg", "reduce_scatter_avg"),                        # SUM, then divide
-    "no_tensor_collectives": ("all_reduce_avg", "reduce_scatter_avg", "reduce_scatter_sum",
-                              "all_gather_single"),                             # all_reduce+slice, list all_gather
-}
-
 def _dist_worker(rank, world, port, outdir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for tag, refuse in FALLBACK_SCENARIOS.items():
-            optim.REFUSE_NATIVE = frozenset(refuse)
-            _dist_scenario(rank, world, outdir, tag)
+        _dist_scenario(rank, world, outdir, "native")
     finally:
-        optim.REFUSE_NATIVE = frozenset()
         dist.destroy_process_group()
 
 def _free_port():
@@ -412,7 +402,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     for s in range(DIST_STEPS, DIST_STEPS + DIST_RESUME_STEPS):
         _dist_grads(p1, s, 0, 1)
         opt1.step()
-    for tag in FALLBACK_SCENARIOS:
+    for tag in ("native",):  # one scenario today; the tag names its files
         r0, r1 = (load_file(str(tmp_path / f"{tag}_params_rank{r}.safetensors")) for r in range(world))
         for i in range(len(p1)):  # the all-gather leaves every rank with identical parameters
             assert torch.equal(r0[f"p{i}"], r1[f"p{i}"]), f"{tag}: ranks disagree on param {i}"

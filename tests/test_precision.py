@@ -13,7 +13,7 @@ import torch
 
 from picochat import attention as A
 from picochat import common
-from picochat.base_train import lr_multiplier
+from picochat.stages.base_train import lr_multiplier
 from picochat.gpt import GPTConfig, build_model
 
 TINY = dict(sequence_len=64, vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")

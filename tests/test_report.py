@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from picochat import report
+from picochat.stages import report as report_stage
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -81,7 +82,7 @@ def test_generate_full_report(picochat_home, tmp_path, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    assert report.main([]) == 0
+    assert report_stage.main([]) == 0
 
     md = (home / "report" / "report.md").read_text()
     assert (cwd / "report.md").exists()

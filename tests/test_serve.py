@@ -8,7 +8,8 @@ import httpx
 import pytest
 import torch
 
-from picochat.serve import create_app, ServerThread, Limits, _Row, main as serve_main
+from picochat.stages.serve import create_app, Limits, _Row, main as serve_main
+from server_thread import ServerThread
 
 MODEL = "picochat-tiny"
 
@@ -402,7 +403,7 @@ def test_queued_requests_wait_for_the_single_worker(stack):
 
 def test_serve_loads_a_checkpoint(picochat_home, tiny_tokenizer, monkeypatch):
     from picochat.checkpoint import save_checkpoint, checkpoint_dir
-    from picochat import serve
+    from picochat.stages import serve
     tiny_tokenizer.save(picochat_home / "tokenizer")
     model = build_tiny_model(tiny_tokenizer)
     save_checkpoint(checkpoint_dir("sft", "d2"), 7, model, None, {"model_config": model.config.to_dict()})

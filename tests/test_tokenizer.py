@@ -317,7 +317,7 @@ def _write_shards(d, shards):
 
 
 def test_text_iterator_cap_and_stop():
-    from picochat.tok_train import text_iterator
+    from picochat.stages.tok_train import text_iterator
     stats = {}
     out = list(text_iterator(iter([["aaaaa", "bbbbbbbbbb"], ["cc", "dd"]]), max_chars=7, doc_cap=8, stats=stats))
     assert out == ["aaaaa", "bbbbbbbb"]           # capped to 8; the doc crossing 7 chars is included, then stop
@@ -326,7 +326,7 @@ def test_text_iterator_cap_and_stop():
 
 def test_prefetch_order_errors_and_early_stop():
     import threading
-    from picochat.tok_train import prefetch
+    from picochat.stages.tok_train import prefetch
     assert list(prefetch(iter(range(50)))) == list(range(50))
     def bad():
         yield 1
@@ -345,7 +345,7 @@ def test_prefetch_order_errors_and_early_stop():
 
 
 def test_tok_train_end_to_end(picochat_home, tmp_path):
-    from picochat import tok_train
+    from picochat.stages import tok_train
     data = tmp_path / "shards"
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "lambda"]
     train = [[" ".join(words[(i + j) % 8] for j in range(40)) + f" {i}" for i in range(k * 7, k * 7 + 7)] for k in range(2)]
@@ -366,14 +366,14 @@ def test_tok_train_end_to_end(picochat_home, tmp_path):
 
 
 def test_tok_train_without_data_is_a_clear_error(picochat_home, tmp_path, capsys):
-    from picochat import tok_train
+    from picochat.stages import tok_train
     assert tok_train.main(["--data-dir", str(tmp_path / "nope"), "--vocab-size", "300"]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not (picochat_home / "tokenizer").exists()
 
 
 def test_tok_eval_runs_offline(picochat_home, tiny_tokenizer, tmp_path, capsys):
-    from picochat import tok_eval
+    from picochat.stages import tok_eval
     tiny_tokenizer.save(picochat_home / "tokenizer")
     data = tmp_path / "shards"
     _write_shards(data, [["some train text here"] * 4, ["some val text"] * 2])
@@ -388,7 +388,7 @@ def test_tok_eval_runs_offline(picochat_home, tiny_tokenizer, tmp_path, capsys):
 
 
 def test_tok_eval_comparison_math_and_offline_baselines(tiny_tokenizer, tmp_path, monkeypatch):
-    from picochat import tok_eval
+    from picochat.stages import tok_eval
     bytes_only = Tokenizer([bytes([i]) for i in range(256)])    # a stand-in baseline: 1 token per byte
     texts = {"a": "hello hello hello", "b": "The quick brown fox."}
     rows = tok_eval.evaluate({"ours": tiny_tokenizer, "gpt2": bytes_only}, texts)

@@ -13,7 +13,8 @@ import subprocess
 import pytest
 import torch
 
-from picochat.serve import create_app, ServerThread
+from picochat.stages.serve import create_app
+from server_thread import ServerThread
 
 CHROMIUM = os.environ.get("PICOCHAT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),

@@ -9,6 +9,7 @@ Names: smoltalk, mmlu, gsm8k, arc-easy, arc-challenge, humaneval, identity, spel
 """
 import logging
 
+from picochat.common import get_base_dir
 from picochat.tasks.common import Task, TaskMixture, TaskSequence, render_mc
 from picochat.tasks.arc import ARC
 from picochat.tasks.mmlu import MMLU
@@ -28,16 +29,18 @@ DEFAULT_SFT_MIXTURE = "smoltalk,mmlu:3,gsm8k:4,identity:2,simplespelling,spellin
 DEFAULT_VAL_MIXTURE = "smoltalk,mmlu@5200,gsm8k@420"
 
 
+def identity_path():
+    """Where `picochat gen-identity` writes the identity conversations the `identity` task reads."""
+    return get_base_dir() / "identity_conversations.jsonl"
+
+
 def identity_task(**kw):
-    from picochat.common import get_base_dir
-    from picochat.tasks.common import loud_fallback
-    path = get_base_dir() / "identity_conversations.jsonl"
+    # reading a task never generates data behind the user's back: the stage that writes it is named instead
+    path = identity_path()
     if not path.exists():
-        from picochat import gen_identity
-        n = gen_identity.generate_to_file(path)
-        loud_fallback(f"{path} did not exist; wrote {n} template-generated identity conversations "
-                      "(`picochat gen-identity` makes them from picochat/data/identity_knowledge.md; "
-                      "edit that file or use --api-base for LLM-written ones)")
+        raise FileNotFoundError(f"{path} does not exist: run `picochat gen-identity` first (it writes synthetic "
+                                "'who are you' conversations from picochat/data/identity_knowledge.md), or drop "
+                                "'identity' from the mixture")
     return CustomJSON(path, **kw)
 
 

@@ -19,7 +19,13 @@ import random
 import logging
 from pathlib import Path
 
-from picochat.common import get_base_dir
+import numpy as np
+import requests
+import pyarrow.parquet as pq
+from filelock import FileLock
+
+from picochat import fetch
+from picochat.common import get_base_dir, atomic_write_json
 
 log = logging.getLogger("picochat.tasks")
 
@@ -130,7 +136,6 @@ def render_mc(question: str, letters, choices) -> str:
 
 def shuffled_indices(n: int, seed: int = 42) -> list:
     """Same permutation as Hugging Face `datasets.Dataset.shuffle(seed)` (numpy default_rng permutation)."""
-    import numpy as np
     return np.random.default_rng(seed).permutation(n).tolist()
 
 
@@ -162,7 +167,6 @@ def task_data_dir() -> Path:
     return get_base_dir() / "task_data"
 
 def _mirror():
-    from picochat import fetch
     return fetch.get_mirror()
 
 def have_mirror() -> bool:
@@ -170,7 +174,6 @@ def have_mirror() -> bool:
 
 def mirror_file(relpath: str, validate=None) -> Path:
     """Fetch `relpath` from PICOCHAT_MIRROR into the cache (one rank downloads, the others wait)."""
-    from picochat import fetch
     dest = task_data_dir() / "mirror" / relpath
     return fetch.download_locked(relpath, None, dest, validate=validate)
 
@@ -183,7 +186,6 @@ def mirror_has(relpath: str) -> bool:
         return (Path(m) / relpath).exists()
     if (task_data_dir() / "mirror" / relpath).exists():
         return True
-    import requests
     try:
         r = requests.head(m.rstrip("/") + "/" + relpath, timeout=10, allow_redirects=True)
         return r.status_code == 200
@@ -209,15 +211,11 @@ def _validate_jsonl(path: Path):
     read_jsonl(path)
 
 def _validate_parquet(path: Path):
-    import pyarrow.parquet as pq
     pq.ParquetFile(path)
 
 def load_hub_rows(repo: str, subset: str, split: str) -> list:
     """All rows of one HF dataset split as dicts, downloaded once as parquet and cached.
     manifest.json is written last: its presence marks a complete download."""
-    from picochat import fetch
-    from filelock import FileLock
-    import pyarrow.parquet as pq
     d = task_data_dir() / repo.replace("/", "--") / subset / split
     manifest = d / "manifest.json"
     d.mkdir(parents=True, exist_ok=True)
@@ -243,7 +241,6 @@ def load_hub_rows(repo: str, subset: str, split: str) -> list:
                 dest = d / f"{i:05d}.parquet"
                 fetch.download(f"hf/{repo}/{subset}/{split}/{i:05d}.parquet", url, dest, validate=_validate_parquet)
                 files.append(dest.name)
-            from picochat.common import atomic_write_json
             atomic_write_json(manifest, {"repo": repo, "subset": subset, "split": split, "files": files})
     files = json.loads(manifest.read_text())["files"]
     rows = []

@@ -5,6 +5,7 @@ run in picochat.sandbox; it passes iff the process exits cleanly.
 """
 import re
 
+from picochat.sandbox import execute_code
 from picochat.tasks.common import RowsTask, load_rows
 
 FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
@@ -57,6 +58,5 @@ class HumanEval(RowsTask):
                 f"check({conversation['entry_point']})")
 
     def evaluate(self, conversation, completion: str) -> bool:
-        from picochat.sandbox import execute_code
         result = execute_code(self.build_program(conversation, completion))
         return bool(result.success)

@@ -12,6 +12,7 @@ Word list: dwyl/english-words words_alpha.txt (mirror: words/words_alpha.txt).
 """
 import random
 
+from picochat import fetch
 from picochat.tasks.common import Task, task_data_dir
 from picochat.tasks.gsm8k import extract_answer
 
@@ -61,7 +62,6 @@ QUOTES = ["", "'", '"']
 
 
 def load_words() -> list:
-    from picochat import fetch
     dest = task_data_dir() / "words" / "words_alpha.txt"
     path = fetch.download_locked("words/words_alpha.txt", WORDS_URL, dest)
     words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines()]

@@ -14,7 +14,12 @@ import hashlib
 import argparse
 import tempfile
 
+import tiktoken
+
 from picochat.common import print0, is_master
+from picochat import report
+from picochat.dataset import iter_row_groups
+from picochat.tokenizer import Tokenizer, get_tokenizer
 
 NEWS = """(Washington, D.C., July 9, 2025) - Yesterday, Mexico's National Service of Agro-Alimentary Health, Safety, \
 and Quality (SENASICA) reported a new case of New World Screwworm (NWS) in Ixhuatlan de Madero, Veracruz, about \
@@ -85,7 +90,6 @@ def load_baseline(name: str):
     if missing:
         return None, f"not cached in {cache} (offline; tiktoken would need to download it)"
     try:
-        import tiktoken
         return tiktoken.get_encoding(name), None
     except Exception as e:
         return None, f"tiktoken could not load it: {type(e).__name__}: {e}"
@@ -93,7 +97,6 @@ def load_baseline(name: str):
 
 def first_row_group_text(split: str, data_dir=None):
     """The first row group of a split joined with newlines, or None when unavailable."""
-    from picochat.dataset import iter_row_groups
     try:
         for texts in iter_row_groups(split, data_dir=data_dir):
             return "\n".join(t for t in texts if t)
@@ -148,7 +151,6 @@ def main(argv=None):
     p.add_argument("--tokenizer-dir", type=str, default=None, help="default $PICOCHAT_HOME/tokenizer")
     args = p.parse_args(argv)
 
-    from picochat.tokenizer import Tokenizer, get_tokenizer
     ours = Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
     tokenizers = {"ours": ours}
     unavailable = {}
@@ -178,7 +180,6 @@ def main(argv=None):
         print_table(table, f"ours vs {_BASELINE_LABELS[name]} ({name}); rel_diff > 0 means ours is better")
 
     if is_master():
-        from picochat import report
         report.log_section("tokenizer-evaluation", {
             "vocab_size": ours.get_vocab_size(),
             "ours": [{k: v for k, v in r.items() if k != "tokenizer"} for r in rows if r["tokenizer"] == "ours"],

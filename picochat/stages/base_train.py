@@ -38,21 +38,18 @@ from picochat import __version__
 from picochat.common import (compute_init, compute_cleanup, print0, warn0, synchronize,
                              get_peak_flops, measure_cpu_matmul_peak, device_name, format_mfu, init_wandb,
                              max_memory_allocated, barrier, process_start_time, long_run_notice, positive_int)
-from picochat import checkpoint as ckpt
+from picochat import checkpoint as ckpt, fp8, report
+from picochat.gpt import GPT, build_model, config_from_depth
+from picochat.engine import sample_prompts
+from picochat.core_eval import evaluate_core, load_core_tasks
+from picochat.tokenizer import get_tokenizer, get_token_bytes
+from picochat.dataloader import pretrain_batches, gather_state
+from picochat.loss_eval import evaluate_bpb
 
 B_REF = 2 ** 19          # reference total batch size (tokens) at the d12 reference
 BUDGET_PROBE_STEPS = 10  # --max-time-s: steps timed before the horizon is fixed
 REF_DEPTH = 12           # all hyperparameter transfer is relative to d12
 BATCH_EXPONENT = 0.383   # Power Lines: B_opt ~ D^0.383
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
 
 
 def build_parser():
@@ -115,7 +112,6 @@ def build_parser():
 
 def derive(args, model, world_size):
     """Everything that follows from the depth. Returns a dict (printed as a table, saved in the meta)."""
-    from picochat.gpt import GPT, config_from_depth
     params = model.num_scaling_params()
     # the Kaplan-style count gave the cleanest scaling laws: matrices + unembedding, no embedding tables
     n_scaling = params["transformer_matrices"] + params["lm_head"]
@@ -202,7 +198,6 @@ def _fp8_eval_context(model, active):
     """FP8 layers are swapped for plain Linear shells during evaluation (avoids a VRAM spike)."""
     if not active:
         return contextlib.nullcontext()
-    from picochat import fp8
     return fp8.disable_fp8(model)
 
 
@@ -216,19 +211,6 @@ def _fault_hook(step, phase):
     spec = os.environ.get("PICOCHAT_FAULT_SIGKILL")
     if spec and phase == "step" and spec == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def sample_prompts(model, tokenizer, max_tokens=16):
-    """Greedy completions of the reference prompts."""
-    from picochat.engine import Engine
-    engine = Engine(model, tokenizer)
-    bos = tokenizer.get_bos_token_id()
-    out = []
-    for prompt in SAMPLE_PROMPTS:
-        results, _ = engine.generate_batch(tokenizer.encode(prompt, prepend=bos), num_samples=1,
-                                           max_tokens=max_tokens, temperature=0)
-        out.append(tokenizer.decode(results[0]))
-    return out
 
 
 def horizon_for_budget(budget_s, elapsed_s, step, step_s, eval_s, eval_every):
@@ -269,8 +251,6 @@ _core_tasks = None  # the bundle is parsed once per process, not at every CORE e
 
 def run_core(model, tokenizer, device, max_per_task, batch_size):
     global _core_tasks
-    from picochat.base_eval import load_core_tasks
-    from picochat.core_eval import evaluate_core
     if _core_tasks is None:
         try:
             _core_tasks = load_core_tasks()
@@ -289,10 +269,6 @@ def run_core(model, tokenizer, device, max_per_task, batch_size):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from picochat.gpt import build_model, config_from_depth
-    from picochat.tokenizer import get_tokenizer, get_token_bytes
-    from picochat.dataloader import pretrain_batches, gather_state
-    from picochat.loss_eval import evaluate_bpb
 
     rt = compute_init(args.device_type, seed=args.seed)
     device, device_type, dtype, master = rt.device, rt.device_type, rt.dtype, rt.master
@@ -300,8 +276,7 @@ def main(argv=None):
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     use_fp8 = False
     if args.fp8:
-        from picochat.fp8 import resolve_fp8
-        use_fp8 = resolve_fp8(True, device)  # CUDA SM90+ only; warns and returns False elsewhere
+        use_fp8 = fp8.resolve_fp8(True, device)  # CUDA SM90+ only; warns and returns False elsewhere
     wandb_run = init_wandb("picochat", args.run, vars(args), master)
     if args.warmup_steps < 1 and args.resume is None and args.resume_from_step < 0:
         # zero-initialised output projections make every block the identity at step 0, so the loss does not
@@ -372,7 +347,6 @@ def main(argv=None):
 
     orig_model = model  # uncompiled: for saving, CORE and sampling
     if use_fp8:
-        from picochat import fp8
         fp8.convert_to_float8_training(model)
     train_model = torch.compile(model, dynamic=False) if use_compile else model
 
@@ -628,7 +602,6 @@ def main(argv=None):
             "device": device_name(device_type), "world_size": rt.world_size,
             "compute_dtype": str(dtype).removeprefix("torch."),
         }
-        from picochat import report
         report.log_section("base-training", section)
     wandb_run.finish()
     compute_cleanup()

@@ -22,7 +22,10 @@ import itertools
 import torch
 import torch.distributed as dist
 
+from picochat import checkpoint, report
 from picochat.common import compute_init, compute_cleanup, print0, init_wandb
+from picochat.engine import Engine
+from picochat.tasks.gsm8k import GSM8K
 
 
 def _all_reduce(t, op=None):
@@ -119,9 +122,6 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    from picochat import checkpoint
-    from picochat.engine import Engine
-    from picochat.tasks.gsm8k import GSM8K
     rt = compute_init(args.device_type)
     device, master = rt.device, rt.master
     if rt.dtype == torch.float16:
@@ -131,9 +131,9 @@ def main(argv=None):
         raise ValueError(f"--examples-per-step {args.examples_per_step} must be divisible by the world size {rt.world_size}")
     examples_per_rank = args.examples_per_step // rt.world_size
 
-    from picochat.chat_eval import find_tag
-    tag = find_tag("sft", args.model_tag)
-    model, tokenizer, sft_meta = checkpoint.load_model("sft", device, phase="train", model_tag=tag, step=args.model_step)
+    model, tokenizer, sft_meta = checkpoint.load_model("sft", device, phase="train", model_tag=args.model_tag,
+                                                      step=args.model_step)
+    tag = sft_meta["model_tag"]
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 
@@ -208,7 +208,6 @@ def main(argv=None):
             checkpoint.append_metrics(out_dir, row)
 
     if master:
-        from picochat import report
         report.log_section("chat-rl", {"config": vars(args), "model_tag": tag, "iterations": num_steps,
                                        "world_size": rt.world_size, "final_mean_reward": mean_reward, **passk})
     wandb_run.finish()

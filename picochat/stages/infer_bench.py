@@ -27,6 +27,10 @@ import torch.nn as nn
 
 from picochat.common import (compute_init, synchronize, device_name, get_peak_flops, get_peak_bandwidth,
                              measure_cpu_matmul_peak, print0)
+from picochat.gpt import config_from_depth, build_model
+from picochat.tokenizer import get_tokenizer
+from picochat.checkpoint import load_model
+from picochat.engine import Engine
 
 PARAGRAPH = ("The history of science is the study of the development of science and scientific knowledge, "
              "including both the natural and social sciences. Science is a body of empirical, theoretical, "
@@ -103,10 +107,8 @@ def timed_run(engine, prompt, batch_size, decode_tokens, temperature, device_typ
     return ttft, steps
 
 def load(args, rt):
-    from picochat.gpt import config_from_depth, build_model
     if args.random_init:
         try:
-            from picochat.tokenizer import get_tokenizer
             tokenizer = get_tokenizer()
             vocab = tokenizer.get_vocab_size()
         except Exception:  # no trained tokenizer: benchmark with a stand-in (random prompt ids)
@@ -116,7 +118,6 @@ def load(args, rt):
         if tokenizer is None:
             tokenizer = _BenchTokenizer(vocab)
         return model, tokenizer, {"source": "random-init", "step": None}
-    from picochat.checkpoint import load_model
     model, tokenizer, meta = load_model(args.source, rt.device, phase="eval", model_tag=args.model_tag, step=args.step)
     return model, tokenizer, {"source": args.source, "step": meta.get("step")}
 
@@ -147,7 +148,6 @@ def main(argv=None):
     if decode_tokens < 2 or not batch_sizes or min(batch_sizes) < 1:
         parser.error("--decode-tokens must be >= 2 and --batch-sizes positive integers")
 
-    from picochat.engine import Engine
     model, tokenizer, info = load(args, rt)
     model.eval()
     T = model.config.sequence_len

@@ -18,6 +18,8 @@ import argparse
 import torch
 
 from picochat.common import compute_init
+from picochat.checkpoint import latest_source, load_model
+from picochat.engine import Engine, TextStreamer
 
 def tokens_to_parts(tokens, tokenizer) -> list:
     """An assistant reply's tokens -> message content parts (text / python / python_output), so the next
@@ -42,7 +44,6 @@ def tokens_to_parts(tokens, tokenizer) -> list:
 def stream_reply(engine, tokenizer, prompt, args, out=None) -> list:
     """Generate one sample, printing text as soon as it is complete UTF-8; returns the reply tokens."""
     out = out or sys.stdout  # looked up per call: a default bound at import time goes stale when stdout is swapped
-    from picochat.engine import TextStreamer
     streamer = TextStreamer(tokenizer)
     terminal = {engine.assistant_end, engine.bos}
     seed = args.seed if args.seed is not None else random.randrange(2 ** 31)
@@ -78,8 +79,6 @@ def main(argv=None):
     if args.max_tokens < 1:
         parser.error("--max-tokens must be >= 1")
 
-    from picochat.checkpoint import latest_source, load_model
-    from picochat.engine import Engine
     rt = compute_init(args.device_type)
     try:
         source = args.source or latest_source(args.model_tag)

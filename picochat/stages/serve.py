@@ -32,16 +32,22 @@ import asyncio
 import argparse
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+import torch
+import uvicorn
+from fastapi.middleware.cors import CORSMiddleware
 
-from picochat.common import logger
+from picochat import PACKAGE_DIR
 from picochat.api_schema import Limits, APIError, ChatRequest, parse_chat_request
+from picochat.checkpoint import load_model, latest_source
+from picochat.common import autodetect_device_type, check_device_type, logger
+from picochat.engine import Engine, TextStreamer
 
-UI_PATH = Path(__file__).with_name("ui.html")
+UI_PATH = PACKAGE_DIR / "ui.html"
 
 # -----------------------------------------------------------------------------
 # Workers and generation
@@ -111,8 +117,6 @@ class Generation:
             pass
 
     def _run(self):
-        import torch
-        from picochat.engine import TextStreamer
         req, engine, tok = self.req, self.worker.engine, self.worker.tokenizer
         rows, prompt, final = [], [], ("error", "generation was interrupted")
         t0 = time.time()
@@ -240,7 +244,6 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
                default_top_k=50, default_max_tokens=512, cors_origins=None):
     """Build the FastAPI app. workers: list of (engine, tokenizer, device) (or Worker); may be empty, then the
     server answers but reports "model not loaded". Tests inject a tiny random model here."""
-    from contextlib import asynccontextmanager
     limits = limits or Limits()
     defaults = {"temperature": default_temperature, "top_k": default_top_k, "max_tokens": default_max_tokens}
     server = Server(workers, model_name, limits, defaults)
@@ -254,7 +257,6 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
     app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"])
 
@@ -426,39 +428,8 @@ async def _openai_complete(gen: Generation, req: ChatRequest, head: dict, server
 # -----------------------------------------------------------------------------
 # Running it
 
-class ServerThread:
-    """Run an app with uvicorn in a background thread (tests, notebooks): `with ServerThread(app) as srv:`,
-    then talk to srv.url. port=0 picks a free port; the socket is bound here, so there is no race for it."""
-    def __init__(self, app, host="127.0.0.1", port=0):
-        import socket
-        import uvicorn
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.host, self.port = host, self.sock.getsockname()[1]
-        self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise RuntimeError(f"uvicorn did not start on {self.url}")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
 def load_workers(source, device_type, num_workers, model_tag=None, step=None):
     """One replica per device: cuda:0..N-1 on CUDA, a single one on CPU/MPS."""
-    import torch
-    from picochat.checkpoint import load_model
-    from picochat.engine import Engine
     if device_type != "cuda" and num_workers > 1:
         logger.warning("more than one worker needs CUDA (one replica per GPU); using 1 on %s", device_type)
         num_workers = 1
@@ -494,9 +465,6 @@ def main(argv=None):
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     args = p.parse_args(argv)
 
-    import torch
-    import uvicorn
-    from picochat.common import autodetect_device_type, check_device_type
     device_type = check_device_type(args.device_type or autodetect_device_type())
     if not 0 < args.port < 65536:  # checked before the (slow) model load, not by the socket bind after it
         p.error(f"--port {args.port} is not a TCP port (1-65535)")
@@ -505,15 +473,13 @@ def main(argv=None):
         p.error("--num-workers must be at least 1")
     if not 0 <= args.temperature <= 2 or not 0 <= args.top_k <= 200 or not 1 <= args.max_tokens <= args.max_tokens_limit:
         p.error("defaults out of range: -t in [0, 2], -k in [0, 200], -m in [1, --max-tokens-limit]")
-    from picochat.checkpoint import find_largest_model, latest_source
-    from picochat.common import get_base_dir
     try:
         source = args.source or latest_source(args.model_tag)
     except FileNotFoundError as e:
         print(f"picochat serve: error: {e}", file=sys.stderr)
         return 2
     workers, meta = load_workers(source, device_type, num_workers, args.model_tag, args.step)
-    tag = args.model_tag or find_largest_model(get_base_dir() / "checkpoints" / source)
+    tag = meta["model_tag"]
     model_name = f"picochat-{source}-{tag}"   # e.g. picochat-sft-d20
     limits = Limits(max_messages=args.max_messages, max_message_chars=args.max_message_chars,
                     max_total_chars=args.max_total_chars, max_tokens_limit=args.max_tokens_limit)

@@ -32,8 +32,13 @@ import argparse
 import torch
 import torch.distributed as dist
 
+from picochat import checkpoint, report
 from picochat.common import (compute_init, fill_sized_defaults, compute_cleanup, print0, init_wandb, get_base_dir, logger,
                              synchronize, max_memory_allocated, long_run_notice)
+from picochat.engine import Engine
+from picochat.loss_eval import evaluate_bpb
+from picochat.tasks import build_mixture, DEFAULT_SFT_MIXTURE, DEFAULT_VAL_MIXTURE
+from picochat.task_eval import ALL_TASKS, evaluate_tasks, chatcore
 
 # -----------------------------------------------------------------------------
 # Best-fit packing loader with exact resume
@@ -225,8 +230,6 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    from picochat import checkpoint
-    from picochat.tasks import build_mixture, DEFAULT_SFT_MIXTURE, DEFAULT_VAL_MIXTURE
     rt = compute_init(args.device_type)
     device, master = rt.device, rt.master
     for line in fill_sized_defaults(args, rt.device_type, SIZED):
@@ -235,11 +238,9 @@ def main(argv=None):
 
     # --- model and inherited hyperparameters
     base_dir = get_base_dir() / "checkpoints" / "base"
-    from picochat.chat_eval import find_tag
-    tag = find_tag("base", args.model_tag)
-    model, tokenizer, base_meta = checkpoint.load_model("base", device, phase="train", model_tag=tag,
+    model, tokenizer, base_meta = checkpoint.load_model("base", device, phase="train", model_tag=args.model_tag,
                                                         step=args.model_step)
-    base_step = base_meta.get("step", args.model_step)
+    tag, base_step = base_meta["model_tag"], base_meta["step"]
     T = args.max_seq_len or _inherit(base_meta, "max_seq_len", model.config.sequence_len)
     B = args.device_batch_size or _inherit(base_meta, "device_batch_size", 32)
     total_batch = args.total_batch_size or _inherit(base_meta, "total_batch_size", 524288)
@@ -323,7 +324,6 @@ def main(argv=None):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    from picochat.loss_eval import evaluate_bpb
     val_bpb, chatcore_results, eval_task_cache = None, {}, {}
     last_step = is_last(step)
     while True:
@@ -339,8 +339,6 @@ def main(argv=None):
                 checkpoint.append_metrics(out_dir, {"step": step, "val_bpb": val_bpb})
             model.train()
         if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
-            from picochat.chat_eval import evaluate_tasks, chatcore, ALL_TASKS
-            from picochat.engine import Engine
             model.eval()
             chatcore_results = evaluate_tasks(
                 model, tokenizer, Engine(model, tokenizer), ALL_TASKS, batch_size=B, tasks=eval_task_cache,
@@ -435,7 +433,6 @@ def main(argv=None):
     print0(f"peak memory {max_memory_allocated(rt.device_type) / 1024**2:.1f} MiB | min val bpb "
            f"{loop['min_val_bpb']} | training time {loop['train_time']:.1f}s")
     if master:
-        from picochat import report
         report.log_section("chat-sft", {"config": vars(args), "model_tag": tag, "base_model_tag": tag, "base_step": base_step,
                                         "iterations": step, "world_size": rt.world_size, "max_seq_len": T,
                                         "device_batch_size": B, "total_batch_size": total_batch,

@@ -18,6 +18,7 @@ from pathlib import Path
 from picochat.common import get_base_dir, print0, is_master
 from picochat.dataset import iter_row_groups  # train = every shard but the last
 from picochat.tokenizer import Tokenizer, SPECIAL_TOKENS
+from picochat import report
 
 
 def prefetch(iterable, depth: int = 2):
@@ -134,7 +135,6 @@ def main(argv=None):
                 "token_bytes_mean": round(float(nz.mean()), 4), "token_bytes_std": round(float(nz.std()), 4)}
     print0("token_bytes (non-special): " + ", ".join(f"{k[12:]}={v}" for k, v in tb_stats.items()))
     if is_master():
-        from picochat import report
         report.log_section("tokenizer-training", {
             "args": vars(args),
             "train_time_s": round(train_time, 3),

@@ -19,7 +19,13 @@ import argparse
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
+from picochat import PACKAGE_DIR
 from picochat.common import atomic_write_json, print0
+from picochat.checkpoint import latest_source, load_model
+from picochat.tokenizer import SPLIT_PATTERN
 
 # Renders our conversation format exactly as Tokenizer.render_conversation / render_for_completion:
 # the system message is merged into the first user turn with "\n\n"; assistant content may be a
@@ -76,7 +82,6 @@ def _bpe_split(ranks: dict, token: bytes, max_rank: int) -> list:
 
 def hf_tokenizer_json(tokenizer) -> dict:
     """Our tokenizer as an HF `tokenizers` tokenizer.json document (byte-level BPE)."""
-    from picochat.tokenizer import SPLIT_PATTERN
     specials = tokenizer.get_special_tokens()
     special_ids = {name: tokenizer.encode_special(name) for name in specials}
     n_ordinary = tokenizer.get_vocab_size() - len(specials)
@@ -112,7 +117,6 @@ def hf_tokenizer_json(tokenizer) -> dict:
 
 def export_hf(model, tokenizer, out_dir, meta=None):
     """Write `model` + `tokenizer` as a transformers directory. Returns the path."""
-    from safetensors.torch import save_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -132,7 +136,7 @@ def export_hf(model, tokenizer, out_dir, meta=None):
     atomic_write_json(out / "config.json", config)
     atomic_write_json(out / "generation_config.json", {
         "bos_token_id": bos, "eos_token_id": [eos, bos], "pad_token_id": bos, "use_cache": False})
-    shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), out / "modeling_picochat.py")
+    shutil.copyfile(PACKAGE_DIR / "hf_modeling.py", out / "modeling_picochat.py")
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     atomic_write_json(out / "tokenizer.json", hf_tokenizer_json(tokenizer))
@@ -155,8 +159,6 @@ def main(argv=None):
     parser.add_argument("-g", "--model-tag", default=None)
     parser.add_argument("-s", "--step", type=int, default=None)
     args = parser.parse_args(argv)
-    import torch
-    from picochat.checkpoint import latest_source, load_model
     source = args.source or latest_source(args.model_tag)
     model, tokenizer, meta = load_model(source, torch.device("cpu"), phase="eval", model_tag=args.model_tag, step=args.step)
     out = export_hf(model, tokenizer, args.out_dir, meta)

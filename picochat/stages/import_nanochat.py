@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 
 from picochat.common import get_base_dir, print0
+from picochat.checkpoint import checkpoint_dir, save_checkpoint
+from picochat.gpt import GPT, GPTConfig, build_model
+from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
 
@@ -46,7 +49,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def read_nanochat_tokenizer(pkl_path: Path):
     """tokenizer.pkl -> picochat Tokenizer, without executing anything the pickle might contain."""
-    from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
     obj = _RestrictedUnpickler(io.BytesIO(pkl_path.read_bytes())).load()
     state = getattr(obj, "state", None)
     if not isinstance(state, dict) or not {"pat_str", "mergeable_ranks", "special_tokens"} <= state.keys():
@@ -73,7 +75,6 @@ def find_tokenizer_pickle(ckpt_dir: Path, tokenizer_dir):
 
 def convert_state_dict(state: dict, config) -> dict:
     """Check nanochat's state dict against picochat's GPT for `config`; returns it with clean keys."""
-    from picochat.gpt import GPT
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     with torch.device("meta"):
         ours = GPT(config).state_dict()
@@ -96,8 +97,6 @@ def convert_state_dict(state: dict, config) -> dict:
 
 def import_checkpoint(ckpt_dir, step=None, tokenizer_dir=None, allow_pickle=False, stage="base", model_tag=None):
     """Convert; returns the picochat checkpoint directory."""
-    from picochat.checkpoint import checkpoint_dir, save_checkpoint
-    from picochat.gpt import GPTConfig, build_model
     ckpt_dir = Path(ckpt_dir).expanduser()
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{ckpt_dir} is not a directory")

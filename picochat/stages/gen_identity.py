@@ -29,11 +29,15 @@ from pathlib import Path
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from picochat.common import get_base_dir, atomic_path
+import requests
+
+from picochat import PACKAGE_DIR
+from picochat.common import atomic_path
+from picochat.tasks import identity_path
 
 log = logging.getLogger("picochat.gen_identity")
 
-DEFAULT_KNOWLEDGE = Path(__file__).parent / "data" / "identity_knowledge.md"
+DEFAULT_KNOWLEDGE = PACKAGE_DIR / "data" / "identity_knowledge.md"
 
 # -----------------------------------------------------------------------------
 # Knowledge file
@@ -241,7 +245,6 @@ def parse_api_content(content: str):
 _STATS_LOCK = threading.Lock()
 
 def api_conversation(kb, args, idx, stats) -> list | None:
-    import requests
     rng = random.Random(args.seed * 1_000_003 + idx)
     url = args.api_base.rstrip("/") + "/chat/completions"
     headers = {"Content-Type": "application/json"}
@@ -293,11 +296,6 @@ def generate_templates(kb, num, seed=42) -> list:
         out.append(conv)
     return out
 
-def generate_to_file(path, num=1000, seed=42, knowledge=None) -> int:
-    convs = generate_templates(load_knowledge(knowledge), num, seed)
-    write_jsonl(path, convs)
-    return len(convs)
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="picochat gen-identity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -318,7 +316,7 @@ def main(argv=None):
     if args.num < 1:
         p.error("--num must be >= 1")
     kb = load_knowledge(args.knowledge)
-    out = Path(args.output) if args.output else get_base_dir() / "identity_conversations.jsonl"
+    out = Path(args.output) if args.output else identity_path()
     if args.api_base:
         if not args.model:
             p.error("--api-base needs --model (the model name at that endpoint)")

@@ -14,114 +14,15 @@ $PICOCHAT_HOME/eval_bundle); an existing $PICOCHAT_HOME/eval_bundle; the referen
 Tasks whose data file is missing are reported ("CORE over 21/22 tasks, missing: coqa"), never dropped silently.
 Results: $PICOCHAT_HOME/base_eval/<model-tag>_<step>.csv (Task, Accuracy, Centered; last row CORE).
 """
-import csv
-import json
-import shutil
-import zipfile
 import argparse
-import tempfile
 from pathlib import Path
 
-
-from picochat.common import get_base_dir, compute_init, fill_sized_defaults, compute_cleanup, print0, warn0, atomic_path, logger
-
-EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-
-# -----------------------------------------------------------------------------
-# The CORE bundle
-
-def _validate_zip(path):
-    with zipfile.ZipFile(path) as z:
-        bad = z.testzip()
-        if bad is not None:
-            raise ValueError(f"corrupt member {bad}")
-
-
-def _fetch_zip_bundle(dest: Path):
-    from picochat import fetch
-    zpath = get_base_dir() / "eval_bundle.zip"
-    fetch.download_locked("eval_bundle.zip", EVAL_BUNDLE_URL, zpath, validate=_validate_zip)
-    tmp = Path(tempfile.mkdtemp(prefix="eval_bundle.", dir=get_base_dir()))
-    try:
-        with zipfile.ZipFile(zpath) as z:
-            z.extractall(tmp)
-        found = [p.parent for p in tmp.rglob("core.yaml")]
-        if not found:
-            raise FileNotFoundError(f"{zpath} has no core.yaml; delete it and retry, or use --bundle-dir")
-        if not dest.exists():
-            found[0].rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def bundle_dir(local_dir=None) -> Path:
-    """The directory holding core.yaml / eval_meta_data.csv / eval_data/ (fetching what is needed)."""
-    from picochat import fetch
-    if local_dir:
-        d = Path(local_dir).expanduser()
-        if not (d / "core.yaml").exists():
-            raise FileNotFoundError(f"--bundle-dir {d} has no core.yaml (expected core.yaml, eval_meta_data.csv, "
-                                    "eval_data/...)")
-        return d
-    dest = get_base_dir() / "eval_bundle"
-    if fetch.get_mirror():
-        for name in ("core.yaml", "eval_meta_data.csv"):
-            fetch.download_locked(f"core/{name}", None, dest / name, progress=False)
-        return dest
-    if not (dest / "core.yaml").exists():
-        from filelock import FileLock
-        with FileLock(str(dest) + ".lock"):  # one rank downloads and unzips, the others wait
-            if not (dest / "core.yaml").exists():
-                _fetch_zip_bundle(dest)
-    return dest
-
-
-def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def load_core_tasks(local_dir=None, labels=None):
-    """-> (tasks, missing labels, number of tasks asked for). Each task: label, task_type, num_fewshot,
-    continuation_delimiter, random_baseline (percent), data (list of items)."""
-    import yaml
-    from picochat import fetch
-    root = bundle_dir(local_dir)
-    config = yaml.safe_load((root / "core.yaml").read_text(encoding="utf-8"))
-    baselines = {}
-    with open(root / "eval_meta_data.csv", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            baselines[r["Eval Task"]] = float(r["Random baseline"])
-    entries = config["icl_tasks"]
-    if labels:
-        unknown = set(labels) - {e["label"] for e in entries}
-        if unknown:
-            raise ValueError(f"unknown CORE task(s) {sorted(unknown)}; core.yaml has {[e['label'] for e in entries]}")
-        entries = [e for e in entries if e["label"] in labels]
-    tasks, missing, cache = [], [], {}
-    for e in entries:
-        uri = e["dataset_uri"].removeprefix("local_data/")  # DCLM's yaml prefix; the bundle's are relative
-        path = root / "eval_data" / uri
-        if not path.exists() and fetch.get_mirror() and not local_dir:
-            try:
-                fetch.download_locked(f"core/eval_data/{uri}", None, path, progress=False, retries=2)
-            except Exception as err:
-                logger.warning(f"CORE task {e['label']}: could not fetch {uri} ({err})")
-        if not path.exists():
-            missing.append(e["label"])
-            continue
-        if path not in cache:
-            cache[path] = _read_jsonl(path)
-        if e["label"] not in baselines:
-            raise ValueError(f"eval_meta_data.csv has no 'Random baseline' for task {e['label']!r}")
-        shots = e.get("num_fewshot", [0])
-        tasks.append({"label": e["label"], "task_type": e["icl_task_type"],
-                      "num_fewshot": shots[0] if isinstance(shots, list) else int(shots),
-                      "continuation_delimiter": e.get("continuation_delimiter", " "),
-                      "random_baseline": baselines[e["label"]], "data": cache[path]})
-    if missing:
-        warn0(f"CORE over {len(tasks)}/{len(entries)} tasks: missing data for {', '.join(missing)}")
-    return tasks, missing, len(entries)
+from picochat import checkpoint as ckpt, fetch, report
+from picochat.common import get_base_dir, compute_init, fill_sized_defaults, compute_cleanup, print0, atomic_path
+from picochat.core_eval import evaluate_core, load_core_tasks
+from picochat.dataloader import pretrain_batches
+from picochat.engine import Engine, sample_prompts
+from picochat.loss_eval import evaluate_bpb
 
 # -----------------------------------------------------------------------------
 
@@ -163,10 +64,7 @@ def write_csv(path: Path, results: dict, centered: dict, core: float):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from picochat import checkpoint as ckpt
-    from picochat.core_eval import evaluate_core
     if args.mirror:
-        from picochat import fetch
         fetch.set_mirror(args.mirror)
     evals = {e.strip() for e in args.eval.split(",") if e.strip()}
     if evals - {"core", "bpb", "sample"}:
@@ -183,12 +81,10 @@ def main(argv=None):
     section = {"model_tag": model_tag, "step": step}
 
     if "sample" in evals and rt.master:
-        from picochat.base_train import sample_prompts
         print0("conditioned samples (greedy, 16 tokens):")
         samples = sample_prompts(model, tokenizer)
         for s in samples:
             print0(f"  {s!r}")
-        from picochat.engine import Engine
         bos = tokenizer.get_bos_token_id()
         results, _ = Engine(model, tokenizer).generate_batch([bos], num_samples=8, max_tokens=128, temperature=1.0)
         print0("unconditioned samples (temperature 1.0, 128 tokens):")
@@ -197,8 +93,6 @@ def main(argv=None):
         section["samples"] = samples
 
     if "bpb" in evals:
-        from picochat.dataloader import pretrain_batches
-        from picochat.loss_eval import evaluate_bpb
         token_bytes = tokenizer.token_bytes().to(rt.device)  # the checkpoint's own tokenizer
         tokens_per_step = args.device_batch_size * T * rt.world_size
         steps = max(1, args.split_tokens // tokens_per_step)
@@ -230,7 +124,6 @@ def main(argv=None):
                         "results": out["results"], "centered_results": out["centered_results"]})
 
     if rt.master:
-        from picochat import report
         # a partial re-run (say --eval bpb --split-docs) of the same checkpoint adds to its section, not replaces it
         prev = report.load_sections().get("base-evaluation", {}).get("data", {})
         if (prev.get("model_tag"), prev.get("step")) == (model_tag, step):
