@@ -181,41 +181,10 @@ class Engine:
         max_tokens = room if max_tokens is None else max(0, min(int(max_tokens), room))
         return tokens, max_tokens
 
-    def _encode_turn(self, role, content):
-        enc = self.tokenizer.encode
-        if role == "user":
-            if not isinstance(content, str):
-                content = "".join(p.get("text", "") for p in content)
-            return [self.user_start] + enc(content) + [self.user_end]
-        ids = [self.assistant_start]
-        if isinstance(content, str):
-            ids += enc(content)
-        else:
-            for part in content:
-                kind, text = part.get("type", "text"), part.get("text", "")
-                if kind == "python":
-                    ids += [self.python_start] + enc(text) + [self.python_end]
-                elif kind == "python_output":
-                    ids += [self.output_start] + enc(text) + [self.output_end]
-                else:
-                    ids += enc(text)
-        return ids + [self.assistant_end]
-
     def chat_prompt(self, messages, max_new_tokens=None):
-        """[bos] + turns + <|assistant_start|>, kept within the context budget (module docstring)."""
-        if not messages:
-            raise ValueError("chat_prompt needs at least one message")
-        messages = [dict(m) for m in messages]
-        if messages[0].get("role") == "system":
-            system = messages.pop(0)
-            if messages and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str):
-                messages[0]["content"] = system["content"] + "\n\n" + messages[0]["content"]
-            else:  # a lone system message: treat it as the user's first turn
-                messages.insert(0, {"role": "user", "content": system["content"]})
-        for m in messages:
-            if m.get("role") not in ("user", "assistant"):
-                raise ValueError(f"message role must be 'system' (first only), 'user' or 'assistant'; got {m.get('role')!r}")
-        turns = [self._encode_turn(m["role"], m.get("content") or "") for m in messages]
+        """[bos] + turns + <|assistant_start|>, kept within the context budget (module docstring). The turns are
+        the tokenizer's (Tokenizer.render_turns: the one chat format); the engine only drops or cuts them."""
+        turns = [ids for ids, _ in self.tokenizer.render_turns(messages)]
         budget = self.sequence_len - self._reserve(max_new_tokens) - 2  # bos and the trailing assistant_start
         first, middle, last = turns[0], turns[1:-1], (turns[-1:] if len(turns) > 1 else [])
         total = lambda: len(first) + sum(map(len, middle)) + sum(map(len, last))

@@ -13,7 +13,6 @@ special tokens with their ids, format version) and tokenizer/token_bytes.safeten
 
     python -c "from picochat.tokenizer import get_tokenizer; t = get_tokenizer(); print(t.encode('hello world'))"
 """
-import copy
 import json
 import base64
 import hashlib
@@ -231,68 +230,43 @@ class Tokenizer:
     # -------------------------------------------------------------------------
     # chat rendering
 
-    def render_conversation(self, conversation: dict, max_tokens: int = 2048):
-        """Conversation -> (ids, mask), mask 1 where the model is trained (assistant output).
-        Layout: <|bos|> then per user turn <|user_start|> text <|user_end|> (mask 0), per assistant
-        turn <|assistant_start|> (0) content (1; python_output parts 0) <|assistant_end|> (1).
-        A leading system message is merged into the first user turn with "\\n\\n"."""
-        messages = _conversation_messages(conversation)
-        if messages[0].get("role") == "system":
-            messages = copy.deepcopy(messages)
-            if len(messages) < 2 or messages[1].get("role") != "user":
-                raise ValueError("a system message must be followed by a user message")
-            system, user = messages[0].get("content"), messages[1].get("content")
-            if not isinstance(system, str) or not isinstance(user, str):
-                raise ValueError("system and first user content must be strings to be merged")
-            messages[1]["content"] = system + "\n\n" + user
-            messages = messages[1:]
+    # --- the chat format: the one place conversations become tokens (SFT, RL, evals, the engine; the HF export's
+    # chat template is tested against it on every shape) ----------------------------------------------------
 
-        ids, mask = [], []
-        def add(tokens, m):
-            if isinstance(tokens, int):
-                tokens = [tokens]
-            ids.extend(tokens)
-            mask.extend([m] * len(tokens))
-
+    def render_turns(self, messages) -> list:
+        """Messages -> one (ids, mask) per turn, no <|bos|>; mask 1 where the model is trained (assistant output).
+        user:      <|user_start|> text <|user_end|>                      all 0
+        assistant: <|assistant_start|> (0) content (1) <|assistant_end|> (1); content is a string or a list of
+                   parts: text (1), python = a tool call <|python_start|> code <|python_end|> (1, the model
+                   must learn to emit it), python_output <|output_start|> result <|output_end|> (0, supplied by
+                   the interpreter at inference time).
+        Shapes: see chat_turns (system merging, alternation). A conversation may end on either role."""
         sp = self.special_ids
-        add(self.bos_token_id, 0)
-        for i, message in enumerate(messages):
-            expected = "user" if i % 2 == 0 else "assistant"
-            role, content = message.get("role"), message.get("content")
-            if role != expected:
-                raise ValueError(f"message {i} has role {role!r} but {expected!r} was expected: after an "
-                                 f"optional system message, roles must alternate user, assistant, user, ...")
+        turns = []
+        for role, content in chat_turns(messages):
             if role == "user":
-                if not isinstance(content, str):
-                    raise ValueError(f"message {i}: user content must be a string, got {type(content).__name__}")
-                add(sp["<|user_start|>"], 0)
-                add(self.encode(content), 0)
-                add(sp["<|user_end|>"], 0)
-            else:
-                add(sp["<|assistant_start|>"], 0)
-                if isinstance(content, str):
-                    add(self.encode(content), 1)
-                elif isinstance(content, list):
-                    for j, part in enumerate(content):
-                        kind, text = (part.get("type"), part.get("text")) if isinstance(part, dict) else (None, None)
-                        if not isinstance(text, str):
-                            raise ValueError(f"message {i} part {j}: expected {{'type': ..., 'text': str}}, got {part!r}")
-                        if kind == "text":
-                            add(self.encode(text), 1)
-                        elif kind == "python":  # tool call: the model must learn to emit it
-                            add(sp["<|python_start|>"], 1)
-                            add(self.encode(text), 1)
-                            add(sp["<|python_end|>"], 1)
-                        elif kind == "python_output":  # supplied by the interpreter at test time
-                            add(sp["<|output_start|>"], 0)
-                            add(self.encode(text), 0)
-                            add(sp["<|output_end|>"], 0)
-                        else:
-                            raise ValueError(f"message {i} part {j}: unknown part type {kind!r} "
-                                             f"(expected text, python or python_output)")
+                ids = [sp["<|user_start|>"]] + self.encode(content) + [sp["<|user_end|>"]]
+                turns.append((ids, [0] * len(ids)))
+                continue
+            ids, mask = [sp["<|assistant_start|>"]], [0]
+            for kind, text in content:
+                if kind == "text":
+                    piece, m = self.encode(text), 1
+                elif kind == "python":
+                    piece, m = [sp["<|python_start|>"]] + self.encode(text) + [sp["<|python_end|>"]], 1
                 else:
-                    raise ValueError(f"message {i}: assistant content must be a string or a list of parts")
-                add(sp["<|assistant_end|>"], 1)
+                    piece, m = [sp["<|output_start|>"]] + self.encode(text) + [sp["<|output_end|>"]], 0
+                ids += piece
+                mask += [m] * len(piece)
+            turns.append((ids + [sp["<|assistant_end|>"]], mask + [1]))
+        return turns
+
+    def render_conversation(self, conversation: dict, max_tokens: int = 2048):
+        """Conversation -> (ids, mask): <|bos|> then every turn (render_turns), cut at max_tokens."""
+        ids, mask = [self.bos_token_id], [0]
+        for turn_ids, turn_mask in self.render_turns(_conversation_messages(conversation)):
+            ids += turn_ids
+            mask += turn_mask
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation: dict) -> list:
@@ -301,18 +275,80 @@ class Tokenizer:
         messages = _conversation_messages(conversation)
         if messages[-1].get("role") != "assistant":
             raise ValueError("render_for_completion needs a conversation whose last message is the assistant's")
-        conv = copy.deepcopy(conversation)
-        conv["messages"] = conv["messages"][:-1]
-        if not conv["messages"]:
+        if len(messages) == 1:
             raise ValueError("render_for_completion: nothing is left after removing the assistant message")
-        ids, _ = self.render_conversation(conv, max_tokens=1 << 62)
-        ids.append(self.special_ids["<|assistant_start|>"])
-        return ids
+        ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=1 << 62)
+        return ids + [self.special_ids["<|assistant_start|>"]]
 
     def visualize_tokenization(self, ids, mask) -> str:
         """Debug helper: tokens joined by '|', green when trained (mask 1), red when not."""
         green, red, reset = "\033[92m", "\033[91m", "\033[0m"
         return "|".join(f"{green if m else red}{self.decode([i])}{reset}" for i, m in zip(ids, mask))
+
+
+def chat_turns(messages) -> list:
+    """Validate and normalise messages into alternating turns [(role, content)]: user content a string, assistant
+    content a list of (kind, text) parts with kind text | python | python_output.
+    * a system message may come first only. Its text goes into the first user turn ("system\n\nuser"); when no
+      user message follows it (a lone system message, or system then assistant), it IS the first user turn;
+    * then roles alternate user, assistant, user, ... starting with the user; the last may be either;
+    * user content: a string or a list of {"type": "text", "text": str} parts (joined);
+    * assistant content: a string or a list of {"type": "text" | "python" | "python_output", "text": str} parts."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("the conversation has no messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise ValueError("every message must be a dict with 'role' and 'content'")
+    turns, system = [], None
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role == "system":
+            if i != 0:
+                raise ValueError(f"message {i}: a system message may only come first")
+            if not isinstance(content, str):
+                raise ValueError("message 0: system content must be a string")
+            system = content
+            if len(messages) == 1 or messages[1].get("role") != "user":
+                turns.append(("user", system))  # nothing to merge into: the system text is the first user turn
+                system = None
+            continue
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"message {i} has role {role!r} but {expected!r} was expected: after an optional "
+                             f"system message, roles must alternate user, assistant, user, ...")
+        if role == "user":
+            text = _user_text(content, i)
+            if system is not None:
+                text, system = system + "\n\n" + text, None
+            turns.append(("user", text))
+        else:
+            turns.append(("assistant", _assistant_parts(content, i)))
+    return turns
+
+
+def _user_text(content, i) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ValueError(f"message {i}: user content must be a string or a list of {{'type': 'text', 'text': str}} parts")
+
+
+def _assistant_parts(content, i) -> list:
+    if isinstance(content, str):
+        return [("text", content)]
+    if not isinstance(content, list):
+        raise ValueError(f"message {i}: assistant content must be a string or a list of parts")
+    parts = []
+    for j, part in enumerate(content):
+        kind, text = (part.get("type"), part.get("text")) if isinstance(part, dict) else (None, None)
+        if not isinstance(text, str):
+            raise ValueError(f"message {i} part {j}: expected {{'type': ..., 'text': str}}, got {part!r}")
+        if kind not in ("text", "python", "python_output"):
+            raise ValueError(f"message {i} part {j}: unknown part type {kind!r} (expected text, python or "
+                             "python_output)")
+        parts.append((kind, text))
+    return parts
 
 
 def _conversation_messages(conversation) -> list:

@@ -232,6 +232,20 @@ def test_calculator_rejects(expr):
 # -----------------------------------------------------------------------------
 # Context policy
 
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": "b "},
+     {"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"}]}, {"role": "user", "content": "c"}],
+])
+def test_chat_prompt_is_the_tokenizers_format(tiny_model, tiny_tokenizer, messages):
+    # a conversation that fits is rendered exactly as the tokenizer renders it (one chat format), plus the
+    # assistant's opening marker
+    ids, _ = tiny_tokenizer.render_conversation({"messages": messages})
+    assert Engine(tiny_model, tiny_tokenizer).chat_prompt(messages, 8) == ids + [tiny_tokenizer.encode_special(
+        "<|assistant_start|>")]
+
 def test_long_conversation_never_crashes(tiny_model, tiny_tokenizer):
     engine = Engine(tiny_model, tiny_tokenizer)
     T = tiny_model.config.sequence_len

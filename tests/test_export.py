@@ -23,6 +23,20 @@ CONVERSATION = {"messages": [
 ]}
 
 
+U, A = "user", "assistant"
+CHAT_SHAPES = {  # every conversation shape the chat format defines (picochat.tokenizer.chat_turns)
+    "single turn": [{"role": U, "content": "Hi"}, {"role": A, "content": "Hello!"}],
+    "multi-turn": [{"role": U, "content": "a"}, {"role": A, "content": "b"}, {"role": U, "content": "c"},
+                   {"role": A, "content": "d"}],
+    "system": [{"role": "system", "content": "Be brief."}, {"role": U, "content": "Hi"}, {"role": A, "content": "Yo"}],
+    "lone system": [{"role": "system", "content": "Be brief."}],
+    "system then assistant": [{"role": "system", "content": "S"}, {"role": A, "content": "Hi, how can I help?"}],
+    "tool call and output": CONVERSATION["messages"][1:3],
+    "ends on the user": CONVERSATION["messages"][:4],
+    "user text parts": [{"role": U, "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "two"}]}],
+}
+
+
 def tiny_model(vocab_size, seed=0):
     torch.manual_seed(seed)
     config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=4, n_head=2, n_kv_head=2, n_embd=64,
@@ -68,11 +82,17 @@ def test_export_tokenizer_and_chat_template(exported, tiny_tokenizer):
     for text in ["The quick brown fox, 1234567 times!", "Héllo wörld 🙂 你好", "  spaces\n\n\tand tabs  ", "it's 3.14159"]:
         assert tok.encode(text, add_special_tokens=False) == tiny_tokenizer.encode(text)
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    for name, messages in CHAT_SHAPES.items():  # the template renders every shape as the tokenizer does
+        ours = tiny_tokenizer.render_conversation({"messages": messages}, max_tokens=1 << 30)[0]
+        for generation in (False, True):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=generation, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            expected = ours + [tiny_tokenizer.encode_special("<|assistant_start|>")] * generation
+            assert list(ids) == expected, f"chat template differs from the tokenizer on {name!r}"
     messages = CONVERSATION["messages"][:-1]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    assert list(ids) == tiny_tokenizer.render_for_completion(CONVERSATION)
+    assert list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+                ["input_ids"]) == tiny_tokenizer.render_for_completion(CONVERSATION)
 
 
 def _write_nanochat_checkpoint(root, model, tokenizer, step=7):

@@ -252,8 +252,15 @@ def test_render_system_merge(tiny_tokenizer):
     merged = {"messages": [{"role": "user", "content": "Be brief.\n\nHi"}, {"role": "assistant", "content": "Hello"}]}
     assert tok.render_conversation(conv) == tok.render_conversation(merged)
     assert conv == original  # rendering works on a deep copy
-    with pytest.raises(ValueError, match="system message must be followed by a user"):
-        tok.render_conversation({"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    # no user message after the system one: the system text is the first user turn
+    lone = tok.render_conversation({"messages": [{"role": "system", "content": "x"}]})
+    assert lone == tok.render_conversation({"messages": [{"role": "user", "content": "x"}]})
+    sys_asst = {"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    assert tok.render_conversation(sys_asst) == tok.render_conversation(
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    # user content as text parts is the joined text
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    assert tok.render_conversation(parts) == tok.render_conversation({"messages": [{"role": "user", "content": "ab"}]})
 
 
 def test_render_tool_parts_masks(tiny_tokenizer):
@@ -278,6 +285,8 @@ def test_render_tool_parts_masks(tiny_tokenizer):
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}], "alternate"),
     ([{"role": "user", "content": ["not", "a", "string"]}], "user content must be a string"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], "system message may only come first"),
+    ([{"role": "tool", "content": "x"}], "role 'tool' but 'user'"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}], "unknown part type"),
     ([], "no messages"),
 ])

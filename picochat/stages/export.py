@@ -27,16 +27,24 @@ from picochat.common import atomic_write_json, print0
 from picochat.checkpoint import latest_source, load_model
 from picochat.tokenizer import SPLIT_PATTERN
 
-# Renders our conversation format exactly as Tokenizer.render_conversation / render_for_completion:
-# the system message is merged into the first user turn with "\n\n"; assistant content may be a
-# list of parts (text / python / python_output).
+# picochat's chat format as a Jinja chat template, for transformers' apply_chat_template. It must render every
+# conversation shape exactly as Tokenizer.render_turns does (tests/test_export.py compares them shape by shape):
+# a leading system message is merged into the next user turn with "\n\n", or is the first user turn when no user
+# message follows it; user content is a string or text parts; assistant content a string or text / python /
+# python_output parts.
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- set ns = namespace(system='') -%}"
     "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] + '\n\n' -%}"
+    "{%- if m['role'] == 'system' -%}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'user' -%}"
+    "{{- '<|user_start|>' + m['content'] + '<|user_end|>' -}}"
+    "{%- else -%}{%- set ns.system = m['content'] + '\n\n' -%}{%- endif -%}"
     "{%- elif m['role'] == 'user' -%}"
-    "{{- '<|user_start|>' + ns.system + m['content'] + '<|user_end|>' -}}{%- set ns.system = '' -%}"
+    "{{- '<|user_start|>' + ns.system -}}{%- set ns.system = '' -%}"
+    "{%- if m['content'] is string -%}{{- m['content'] -}}"
+    "{%- else -%}{%- for p in m['content'] -%}{{- p['text'] -}}{%- endfor -%}{%- endif -%}"
+    "{{- '<|user_end|>' -}}"
     "{%- elif m['role'] == 'assistant' -%}{{- '<|assistant_start|>' -}}"
     "{%- if m['content'] is string -%}{{- m['content'] -}}"
     "{%- else -%}{%- for p in m['content'] -%}"
