@@ -159,7 +159,7 @@ def train_cmd(s, budget_s, device_batch, eval_tokens, data_dir, tag):
             "--device-batch-size", str(device_batch), "--total-batch-size", str(s["total_batch"]),
             "--max-time-s", f"{budget_s:g}", "--warmup-steps", str(s["warmup"]),
             "--eval-every", "1000000000", "--eval-tokens", str(eval_tokens),  # eval at step 0 and at the end
-            "--core-metric-every", "-1", "--sample-every", "-1", "--save-every", "-1", "--keep-last", "1",
+            "--core-metric-every", "0", "--sample-every", "0", "--save-every", "-1", "--keep-last", "1",
             "--data-dir", str(data_dir), "--model-tag", tag] + (["--split-docs"] if s.get("split_docs") else []) + \
         [a for name, lr in BASE_LRS.items() for a in (f"--{name}", f"{lr * s['lr_mult']:g}")]
 
@@ -173,11 +173,12 @@ def read_run(home: Path, tag: str) -> dict:
     step = ckpt.find_last_step(d)
     if step is None:
         return {}
-    meta = ckpt.read_meta(d, step)
+    from picochat.run_record import RunRecord
+    run = RunRecord.from_meta(ckpt.read_meta(d, step))
     rows = ckpt.read_metrics(d)
     dts = [r["dt"] for r in rows if r.get("dt") is not None]
-    derived = meta.get("derived", {})
-    return {"step": step, "val_bpb": meta.get("val_bpb"), "dts": dts,
+    derived = run.derived
+    return {"step": step, "val_bpb": run.loop.get("val_bpb"), "dts": dts,
             "scaling_params": derived.get("scaling_params"), "flops_per_token": derived.get("flops_per_token"),
             "tokens": derived.get("total_tokens")}
 

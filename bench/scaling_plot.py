@@ -95,19 +95,19 @@ def run_figures(model_tag: str, step=None) -> dict:
     import torch
     from picochat import checkpoint as ckpt
     from picochat.gpt import GPT, GPTConfig
+    from picochat.run_record import RunRecord
     ckpt_dir = ckpt.checkpoint_dir("base", model_tag)
     step = ckpt.find_last_step(ckpt_dir) if step is None else step
     if step is None:
         raise SystemExit(f"error: no complete checkpoint in {ckpt_dir}; did base-train finish? "
                          f"(the sweep scripts must not pass --save-every -1 without the final save)")
     meta = ckpt.read_meta(ckpt_dir, step)
+    run = RunRecord.from_meta(meta, f"{ckpt_dir} step {step}")
     config = GPTConfig.from_dict(meta["model_config"])
     with torch.device("meta"):
         params = GPT(config).num_scaling_params()
-    derived = meta.get("derived", {})
-    num_iterations = meta.get("num_iterations", step)
-    total_batch = meta.get("total_batch_size") or derived.get("total_batch_size")
-    tokens = derived.get("total_tokens") or (total_batch * num_iterations if total_batch else None)
+    num_iterations = run.num_iterations if run.num_iterations > 0 else step
+    tokens = run.derived.get("total_tokens") or run.total_batch_size * num_iterations
     # CORE: the last row of metrics.jsonl carries the final evaluations (base-train --core-metric-every)
     core = None
     for row in ckpt.read_metrics(ckpt_dir):
@@ -116,8 +116,8 @@ def run_figures(model_tag: str, step=None) -> dict:
     scaling = params["transformer_matrices"] + params["lm_head"]
     return {"step": step, "depth": config.n_layer, "model_dim": config.n_embd, "params": params,
             "scaling_params": scaling, "num_iterations": num_iterations, "tokens_trained": tokens,
-            "val_bpb": meta.get("val_bpb"), "core_score": core,
-            "train_time_sec": (meta.get("loop_state") or {}).get("total_training_time")}
+            "val_bpb": run.loop.get("val_bpb"), "core_score": core,
+            "train_time_sec": run.loop.get("total_training_time")}
 
 
 def base_eval_core(model_tag: str, step: int):
@@ -212,20 +212,20 @@ def fit_power_law(xs, ys):
 # -----------------------------------------------------------------------------
 # plots
 
-def _plt():
-    import matplotlib
+def _plot_setup(csv_path, kind, out_dir):
+    """(rows, out_dir, pyplot) for a plot of a results CSV."""
+    rows = read_rows(csv_path, kind)
+    if not rows:
+        raise SystemExit(f"error: {csv_path} has no rows")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    import matplotlib  # heavy, and only the plot commands need it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    import matplotlib.pyplot as plt  # heavy, see above
+    return rows, Path(out_dir), plt
 
 
 def plot_scaling(csv_path, out_dir) -> dict:
-    rows = read_rows(csv_path, "scaling")
-    if not rows:
-        raise SystemExit(f"error: {csv_path} has no rows")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plt = _plt()
+    rows, out_dir, plt = _plot_setup(csv_path, "scaling", out_dir)
     depths = sorted({int(float(r["depth"])) for r in rows})
     cmap = plt.get_cmap("viridis")
 
@@ -297,12 +297,7 @@ def plot_scaling(csv_path, out_dir) -> dict:
 
 
 def plot_miniseries(csv_path, out_dir) -> dict:
-    rows = read_rows(csv_path, "miniseries")
-    if not rows:
-        raise SystemExit(f"error: {csv_path} has no rows")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plt = _plt()
+    rows, out_dir, plt = _plot_setup(csv_path, "miniseries", out_dir)
     rows = sorted(rows, key=lambda r: float(r["depth"]))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     pts = [(float(r["depth"]), _num(r["val_bpb"])) for r in rows if _num(r["val_bpb"]) is not None]

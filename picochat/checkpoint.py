@@ -44,10 +44,14 @@ _MODEL_RE = re.compile(r"^model_(\d+)\.safetensors$")
 # -----------------------------------------------------------------------------
 # Paths
 
-def checkpoint_dir(stage: str, model_tag: str) -> Path:
+def stage_dir(stage: str) -> Path:
+    """$PICOCHAT_HOME/checkpoints/<stage>: one directory per model tag below it."""
     if stage not in STAGES:
         raise ValueError(f"unknown checkpoint stage {stage!r}; expected one of {STAGES}")
-    return get_base_dir() / "checkpoints" / stage / model_tag
+    return get_base_dir() / "checkpoints" / stage
+
+def checkpoint_dir(stage: str, model_tag: str) -> Path:
+    return stage_dir(stage) / model_tag
 
 def model_path(ckpt_dir, step) -> Path:
     return Path(ckpt_dir) / f"model_{step:06d}.safetensors"
@@ -83,21 +87,19 @@ PRODUCER = {"base": "picochat base-train", "sft": "picochat chat-sft", "rl": "pi
 def find_tag(source: str, model_tag=None) -> str:
     """The model tag to load from checkpoints/<source> (default: the largest), with an error naming the stage
     that makes them."""
-    stage_dir = get_base_dir() / "checkpoints" / source
-    if model_tag and not (stage_dir / model_tag).is_dir():
-        raise FileNotFoundError(f"no {source} checkpoints for tag {model_tag!r} in {stage_dir}; "
+    if model_tag and not (stage_dir(source) / model_tag).is_dir():
+        raise FileNotFoundError(f"no {source} checkpoints for tag {model_tag!r} in {stage_dir(source)}; "
                                 f"run `{PRODUCER[source]}` first or pick another --model-tag")
-    return model_tag or find_largest_model(stage_dir)
+    return model_tag or find_largest_model(stage_dir(source))
 
 def latest_source(model_tag=None) -> str:
     """The most finished stage with a complete checkpoint (rl > sft > base): what chat/serve/export load by default."""
     for source in SOURCES_BY_PREFERENCE:
-        stage_dir = get_base_dir() / "checkpoints" / source
         try:
-            tag = model_tag or find_largest_model(stage_dir)
+            tag = model_tag or find_largest_model(stage_dir(source))
         except FileNotFoundError:
             continue
-        if find_last_step(stage_dir / tag) is not None:
+        if find_last_step(stage_dir(source) / tag) is not None:
             return source
     raise FileNotFoundError(f"no complete checkpoint under {get_base_dir() / 'checkpoints'} (looked in "
                             f"{', '.join(SOURCES_BY_PREFERENCE)}); train one first (picochat base-train / chat-sft), "
@@ -359,7 +361,7 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     if source not in STAGES:
         raise ValueError(f"unknown source {source!r}; expected one of {STAGES}")
     model_tag = find_tag(source, model_tag)
-    ckpt_dir = get_base_dir() / "checkpoints" / source / model_tag
+    ckpt_dir = checkpoint_dir(source, model_tag)
     if step is None:
         step = find_last_step(ckpt_dir)
         if step is None:

@@ -278,12 +278,26 @@ def compute_init(device_type: str = "", seed: int = 42) -> Runtime:
             dtype, why = choices[int(code)], f"rank 0's decision ({why} here)"
     return Runtime(ddp and world_size > 1, rank, local_rank, world_size, device, device_type, dtype, why)
 
+def dist_active() -> bool:
+    """Whether a process group is up (torchrun), i.e. whether collectives have anyone to talk to."""
+    return dist.is_available() and dist.is_initialized()
+
+def rank_world() -> tuple:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist_active() else (0, 1)
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over the ranks (a no-op in a single process); returns t."""
+    if dist_active():
+        dist.all_reduce(t, op=op)
+    return t
+
 def compute_cleanup():
-    if dist.is_available() and dist.is_initialized():
+    if dist_active():
         dist.destroy_process_group()
 
 def barrier():
-    if dist.is_available() and dist.is_initialized():
+    if dist_active():
         dist.barrier()
 
 def process_start_time() -> float:

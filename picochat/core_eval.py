@@ -26,7 +26,6 @@ Two evaluators give the same per-item results (tests compare them item by item):
           examples (one row each) are sorted by length before packing, so a batch pads little.
 """
 import csv
-import json
 import random
 import shutil
 import zipfile
@@ -42,6 +41,7 @@ from filelock import FileLock
 from picochat import common, fetch
 from picochat.common import get_base_dir, warn0, logger
 from picochat.gpt import KVCache
+from picochat.tasks.common import read_jsonl
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -92,11 +92,6 @@ def bundle_dir(local_dir=None) -> Path:
     return dest
 
 
-def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_core_tasks(local_dir=None, labels=None):
     """-> (tasks, missing labels, number of tasks asked for). Each task: label, task_type, num_fewshot,
     continuation_delimiter, random_baseline (percent), data (list of items)."""
@@ -125,7 +120,7 @@ def load_core_tasks(local_dir=None, labels=None):
             missing.append(e["label"])
             continue
         if path not in cache:
-            cache[path] = _read_jsonl(path)
+            cache[path] = read_jsonl(path)
         if e["label"] not in baselines:
             raise ValueError(f"eval_meta_data.csv has no 'Random baseline' for task {e['label']!r}")
         shots = e.get("num_fewshot", [0])

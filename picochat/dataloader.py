@@ -20,8 +20,8 @@ batch: the stream cursor (epoch, file, row group, next document) and the packing
 list of references [file, row_group, doc, piece]. Every buffered entry is a whole, never-used document (or
 piece of one), so re-reading and re-tokenizing the references restores the buffer exactly, and a loader
 built with that state yields exactly the batches the uninterrupted run would have yielded.
-With several ranks, each has its own state: `gather_state` collects them for the checkpoint and a
-gathered state can be passed back as `resume_state` on every rank (each picks its own).
+With several ranks, each has its own state (train_loop.gather_loader_states collects them for the checkpoint,
+train_loop.rank_loader_state gives each rank its own back).
 
 State format (version 2, one rank; ~20 KB of JSON at buffer_size=1000):
     {"version": 2, "split": "train", "rank": r, "world_size": W,
@@ -31,8 +31,6 @@ State format (version 2, one rank; ~20 KB of JSON at buffer_size=1000):
      "split_docs": false,                                         # decides the pieces: kept on resume
      "num_files": n, "B": B, "T": T,                              # for mismatch warnings
      "stats": {"batches", "tokens", "docs", "crops", "cropped_tokens", "pieces"}}   # cumulative statistics
-(Version 1 states, from before split_docs, are read as split_docs=false with piece 0.)
-Gathered form (what gather_state returns): {"world_size": W, "ranks": [state_rank0, ..., state_rankW-1]}.
 (f is an index into the split's sorted file list, g a row group of that file, d a row within it.)
 
 Reading, tokenization and packing run in a background thread (tokenization itself is multithreaded
@@ -45,13 +43,11 @@ Example:
     loader = pretrain_batches(get_tokenizer(), B=8, T=1024, split="train", device="cpu")
     x, y, state = next(loader)        # save `state` (JSON) with a checkpoint, pass it as resume_state later
 """
-import json
 import queue
 import threading
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from picochat import dataset
 from picochat.common import get_dist_info, logger
@@ -258,17 +254,12 @@ def crop_fraction(stats) -> float:
 def _select_state(resume_state, rank, world_size):
     if resume_state is None:
         return None
-    if "ranks" in resume_state:  # gathered form: {"world_size": W, "ranks": [state_rank0, ...]}
-        if resume_state.get("world_size", len(resume_state["ranks"])) != world_size:
-            raise ValueError(f"dataloader state was saved with {resume_state.get('world_size')} ranks, this run has "
-                             f"{world_size}: exact resume needs the same world size (the optimizer shards do too)")
-        resume_state = resume_state["ranks"][rank]
     if resume_state.get("version") != STATE_VERSION:
         raise ValueError(f"unsupported dataloader state version {resume_state.get('version')!r} (this picochat reads "
                          f"version {STATE_VERSION})")
     if (resume_state["rank"], resume_state["world_size"]) != (rank, world_size):
         raise ValueError(f"dataloader state belongs to rank {resume_state['rank']} of {resume_state['world_size']}, "
-                         f"this is rank {rank} of {world_size}: save all ranks' states with gather_state()")
+                         f"this is rank {rank} of {world_size}: pass each rank its own state")
     return resume_state
 
 
@@ -406,23 +397,3 @@ def pretrain_batches(tokenizer, B, T, split, device="cpu", data_dir=None, resume
     """Infinite iterator of (inputs, targets, state); inputs/targets int64 (B, T) on `device`."""
     return iter(DistributedBestFitLoader(tokenizer, B, T, split, device, data_dir, resume_state, buffer_size,
                                          tokenizer_threads, tokenizer_batch_size, **kwargs))
-
-
-def gather_state(state: dict) -> dict:
-    """All ranks' loader states as {"world_size": W, "ranks": [...]} (call on every rank; JSON-serializable).
-    Uses JSON bytes in tensors rather than pickled objects."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return {"world_size": 1, "ranks": [state]}
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    data = torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8, device=device)
-    world = dist.get_world_size()
-    n = torch.tensor([data.numel()], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    maxlen = int(max(s.item() for s in sizes))
-    padded = torch.zeros(maxlen, dtype=torch.uint8, device=device)
-    padded[:data.numel()] = data
-    out = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
-    ranks = [json.loads(bytes(o[:int(s.item())].cpu().tolist()).decode("utf-8")) for o, s in zip(out, sizes)]
-    return {"world_size": world, "ranks": ranks}

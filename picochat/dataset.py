@@ -99,11 +99,7 @@ def validate_shard(path, expected_bytes=None) -> None:
     path = Path(path)
     if expected_bytes is not None and path.stat().st_size != expected_bytes:
         raise ValueError(f"{path}: {path.stat().st_size} bytes, expected {expected_bytes}")
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable parquet file ({e})") from e
-    check_text_column(pf, path)
+    open_parquet(path)
 
 
 def open_parquet(path) -> pq.ParquetFile:

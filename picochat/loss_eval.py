@@ -10,7 +10,8 @@ rewarded for predicting <|bos|>. Sums are all-reduced across ranks, so every ran
 import math
 
 import torch
-import torch.distributed as dist
+
+from picochat.common import all_reduce
 
 
 @torch.no_grad()
@@ -35,9 +36,8 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float
         counted = nbytes > 0
         total_nats += torch.where(counted, loss, torch.zeros_like(loss)).sum()
         total_bytes += nbytes.sum()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
+    all_reduce(total_nats)
+    all_reduce(total_bytes)
     nats, nbytes = total_nats.item(), total_bytes.item()
     if nbytes == 0:
         return float("inf")

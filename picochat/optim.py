@@ -263,28 +263,29 @@ class MuonAdamW(torch.optim.Optimizer):
         the rest are all-reduced and updated redundantly on every rank."""
         return world > 1 and p.numel() >= SMALL_PARAM_NUMEL and p.size(0) % world == 0
 
-    def _expected_state(self):
-        """{key: (shape, dtype)} of this rank's state, in a fixed order."""
-        world, rank = self._layout
-        spec = {}
+    def _state_layout(self, world):
+        """Per state entry: (the param that owns it, its key prefix in the state file, {name: (shape, dtype)}).
+        AdamW: per param, a 1/W slice when sharded; Muon: per group, this rank's chunk of the stacked params."""
         for gi, group in enumerate(self.param_groups):
             if group["kind"] == "adamw":
                 for pi, p in enumerate(group["params"]):
-                    shape = list(p.shape)
-                    if self._adamw_sharded(p, world):
-                        shape[0] //= world
+                    shape = (p.shape[0] // world, *p.shape[1:]) if self._adamw_sharded(p, world) else tuple(p.shape)
                     dt = torch.promote_types(p.dtype, torch.float32)
-                    spec[f"group{gi}.param{pi}.step"] = ((), torch.int64)
-                    spec[f"group{gi}.param{pi}.exp_avg"] = (tuple(shape), dt)
-                    spec[f"group{gi}.param{pi}.exp_avg_sq"] = (tuple(shape), dt)
+                    yield p, f"group{gi}.param{pi}", {"exp_avg": (shape, dt), "exp_avg_sq": (shape, dt)}
             else:
                 p0 = group["params"][0]
                 rows, cols = p0.shape
                 chunk = -(-len(group["params"]) // world)
                 dt = torch.promote_types(p0.dtype, torch.float32)
-                spec[f"group{gi}.step"] = ((), torch.int64)
-                spec[f"group{gi}.momentum_buffer"] = ((chunk, rows, cols), dt)
-                spec[f"group{gi}.second_momentum_buffer"] = ((chunk, rows, 1) if rows >= cols else (chunk, 1, cols), dt)
+                second = (chunk, rows, 1) if rows >= cols else (chunk, 1, cols)
+                yield p0, f"group{gi}", {"momentum_buffer": ((chunk, rows, cols), dt), "second_momentum_buffer": (second, dt)}
+
+    def _expected_state(self):
+        """{key: (shape, dtype)} of this rank's state, in a fixed order."""
+        spec = {}
+        for _, prefix, shapes in self._state_layout(self._layout[0]):
+            spec[f"{prefix}.step"] = ((), torch.int64)
+            spec.update({f"{prefix}.{name}": v for name, v in shapes.items()})
         return spec
 
     def _ensure_state(self):
@@ -295,25 +296,9 @@ class MuonAdamW(torch.optim.Optimizer):
                                    f"but the process group is now world size {world} rank {rank}")
             return
         self._layout = (world, rank)
-        for gi, group in enumerate(self.param_groups):
-            if group["kind"] == "adamw":
-                for p in group["params"]:
-                    shape = list(p.shape)
-                    if self._adamw_sharded(p, world):
-                        shape[0] //= world
-                    dt = torch.promote_types(p.dtype, torch.float32)
-                    self.state[p] = {"step": 0,
-                                     "exp_avg": torch.zeros(shape, dtype=dt, device=p.device),
-                                     "exp_avg_sq": torch.zeros(shape, dtype=dt, device=p.device)}
-            else:
-                p0 = group["params"][0]
-                rows, cols = p0.shape
-                chunk = -(-len(group["params"]) // world)
-                dt = torch.promote_types(p0.dtype, torch.float32)
-                second = (chunk, rows, 1) if rows >= cols else (chunk, 1, cols)
-                self.state[p0] = {"step": 0,
-                                  "momentum_buffer": torch.zeros(chunk, rows, cols, dtype=dt, device=p0.device),
-                                  "second_momentum_buffer": torch.zeros(second, dtype=dt, device=p0.device)}
+        for p, _, shapes in self._state_layout(world):
+            self.state[p] = {"step": 0, **{name: torch.zeros(shape, dtype=dt, device=p.device)
+                                           for name, (shape, dt) in shapes.items()}}
 
     # --- the step -----------------------------------------------------------
 

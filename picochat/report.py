@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from picochat.checkpoint import stage_dir
 from picochat.common import get_base_dir, atomic_path, atomic_write_json, atomic_write_text, get_dist_info, logger
 
 SECTIONS = ["tokenizer-training", "tokenizer-evaluation", "base-training", "base-evaluation",
@@ -231,7 +232,7 @@ def read_metrics(path: Path) -> list:
     return [rows[k] for k in sorted(order, key=lambda k: (k[0], k[1]))]
 
 def find_metrics_file(stage: str, section) -> Path | None:
-    root = get_base_dir() / "checkpoints" / stage
+    root = stage_dir(stage)
     tag = section["data"].get("model_tag") if section else None
     if isinstance(tag, str) and (root / tag / "metrics.jsonl").exists():
         return root / tag / "metrics.jsonl"

@@ -6,8 +6,6 @@ in a throwaway subprocess and report what happened.
     r = execute_code("print(1 + 1)")            # ExecutionResult(success=True, stdout='2\\n', ...)
     r = execute_code("while True: pass", timeout=1.0)   # r.timeout is True, the process group was killed
 
-    python -m picochat.sandbox "print('hello')"          # quick manual check
-
 What it does (layers, outermost first):
   * a fresh interpreter `sys.executable -I -B` (isolated mode: no user site, PYTHON* env ignored,
     cwd not on sys.path) in its own session/process group, so on timeout or output overflow the
@@ -270,13 +268,3 @@ def _collect(proc, timeout, max_output_bytes):
         proc.stdout.close()
         proc.stderr.close()
     return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), timed_out, truncated
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    code = argv[0] if argv else sys.stdin.read()
-    r = execute_code(code)
-    print(r)
-    return 0 if r.success else 1
-
-if __name__ == "__main__":
-    sys.exit(main())

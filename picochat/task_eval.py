@@ -14,32 +14,22 @@ Problems are strided across ranks and the counts all-reduced.
 import time
 
 import torch
-import torch.distributed as dist
 
-from picochat.common import print0
+from picochat.common import all_reduce, print0, rank_world
 from picochat.tasks import BASELINES, EVAL_TASKS
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 
 
 def _all_reduce_counts(*values, device):
-    t = torch.tensor(values, dtype=torch.long, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def _rank_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return all_reduce(torch.tensor(values, dtype=torch.long, device=device)).tolist()
 
 
 @torch.no_grad()
 def run_categorical(model, tokenizer, task, batch_size=8, max_problems=None):
     """-> (num_correct, num_total), all-reduced. Prompts longer than the context keep BOS + their tail."""
     device = model.get_device() if hasattr(model, "get_device") else next(model.parameters()).device
-    rank, world = _rank_world()
+    rank, world = rank_world()
     n = len(task) if max_problems is None else min(len(task), max_problems)
     bos = tokenizer.get_bos_token_id()
     T = model.config.sequence_len
@@ -85,7 +75,7 @@ def run_generative(engine, tokenizer, task, num_samples=1, max_new_tokens=512, t
                    max_problems=None, log_every=0):
     """-> (num_passed, num_total), all-reduced; pass@num_samples."""
     device = engine._device()
-    rank, world = _rank_world()
+    rank, world = rank_world()
     n = len(task) if max_problems is None else min(len(task), max_problems)
     passed, total = 0, 0
     for i in range(rank, n, world):

@@ -280,11 +280,6 @@ class Tokenizer:
         ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=1 << 62)
         return ids + [self.special_ids["<|assistant_start|>"]]
 
-    def visualize_tokenization(self, ids, mask) -> str:
-        """Debug helper: tokens joined by '|', green when trained (mask 1), red when not."""
-        green, red, reset = "\033[92m", "\033[91m", "\033[0m"
-        return "|".join(f"{green if m else red}{self.decode([i])}{reset}" for i, m in zip(ids, mask))
-
 
 def chat_turns(messages) -> list:
     """Validate and normalise messages into alternating turns [(role, content)]: user content a string, assistant

@@ -64,7 +64,7 @@ WARMUP_STEPS="${WARMUP_STEPS:-10}"
 LR_MULT="${LR_MULT:-2}"                      # multiplies base-train's default LRs (before its batch scaling)
 BASE_EVAL_EVERY="${BASE_EVAL_EVERY:-500}"    # val bpb interval during pretraining
 BASE_EVAL_TOKENS="${BASE_EVAL_TOKENS:-65536}"
-SAMPLE_EVERY="${SAMPLE_EVERY:--1}"           # base-eval prints samples at the end anyway
+SAMPLE_EVERY="${SAMPLE_EVERY:-0}"            # base-eval prints samples at the end anyway
 SAVE_EVERY="${SAVE_EVERY:-500}"              # intermediate checkpoints, so an interrupted run resumes
 KEEP_LAST="${KEEP_LAST:-2}"
 EVAL_BATCH="${EVAL_BATCH:-$DEVICE_BATCH}"    # base-eval batch (bpb rows, CORE examples)
@@ -102,8 +102,8 @@ import sys
 from picochat import checkpoint as c
 d = sys.argv[1]
 s = c.find_last_step(d)
-m = c.read_meta(d, s) if s is not None else {}
-if s is not None and not m.get("budget_pending") and s >= m.get("num_iterations", float("inf")):
+n = c.read_meta(d, s).get("run", {}).get("num_iterations", -1) if s is not None else -1
+if s is not None and 0 < n <= s:
     print(s)
 PY
 }
@@ -161,7 +161,7 @@ else
         --window-pattern "$WINDOW_PATTERN" --device-batch-size "$DEVICE_BATCH" --total-batch-size "$TOTAL_BATCH" \
         "${horizon[@]}" "${split[@]}" --warmup-steps "$WARMUP_STEPS" \
         --embedding-lr "$(lr 0.3)" --unembedding-lr "$(lr 0.008)" --matrix-lr "$(lr 0.02)" --scalar-lr "$(lr 0.5)" \
-        --eval-every "$BASE_EVAL_EVERY" --eval-tokens "$BASE_EVAL_TOKENS" --core-metric-every -1 \
+        --eval-every "$BASE_EVAL_EVERY" --eval-tokens "$BASE_EVAL_TOKENS" --core-metric-every 0 \
         --sample-every "$SAMPLE_EVERY" --save-every "$SAVE_EVERY" --keep-last "$KEEP_LAST" \
         --model-tag "$TAG" --resume auto
     BASE_STEP=$(finished_step "$BASE_CKPT")
@@ -187,7 +187,7 @@ else
     run_stage chat-sft picochat chat-sft --run "$WANDB_RUN" --device-type cpu --model-tag "$TAG" \
         --num-iterations "$SFT_ITERS" --max-seq-len "$SEQ_LEN" --device-batch-size "$DEVICE_BATCH" \
         --total-batch-size "$TOTAL_BATCH" --eval-every "$SFT_EVAL_EVERY" --eval-tokens "$SFT_EVAL_TOKENS" \
-        --chatcore-every -1 --save-every "$SAVE_EVERY" --keep-last "$KEEP_LAST" \
+        --chatcore-every 0 --save-every "$SAVE_EVERY" --keep-last "$KEEP_LAST" \
         --embedding-lr "$(sft_lr 0.3)" --unembedding-lr "$(sft_lr 0.008)" --matrix-lr "$(sft_lr 0.02)" \
         ${SFT_MIXTURE:+--mixture "$SFT_MIXTURE"} ${SFT_VAL_MIXTURE:+--val-mixture "$SFT_VAL_MIXTURE"} \
         --resume auto

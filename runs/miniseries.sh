@@ -57,8 +57,8 @@ for D in $DEPTHS; do
     t0=$(date +%s)
     # shellcheck disable=SC2086
     launch base-train --depth="$D" --device-batch-size="$(device_batch "$D")" \
-        --core-metric-every=999999 --core-metric-max-per-task="$CORE_MAX_PER_TASK" \
-        --sample-every=-1 --save-every=-1 --keep-last=1 --model-tag="$TAG" --run="${WANDB_RUN}" $EXTRA_ARGS
+        --core-metric-every=-1 --core-metric-max-per-task="$CORE_MAX_PER_TASK" \
+        --sample-every=0 --save-every=-1 --keep-last=1 --model-tag="$TAG" --run="${WANDB_RUN}" $EXTRA_ARGS
     echo "[miniseries] d$D: finished in $(( $(date +%s) - t0 ))s (wall, incl. evals)"
     "$PYTHON" "$REPO/bench/scaling_plot.py" collect miniseries "$RESULTS" --model-tag "$TAG"
 done

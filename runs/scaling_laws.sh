@@ -63,8 +63,8 @@ for F in $FLOPS_BUDGETS; do
         # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
         launch base-train --depth="$D" --target-flops="$F" --target-param-data-ratio=-1 \
             --device-batch-size="$(device_batch "$D")" --eval-tokens="$EVAL_TOKENS" \
-            --core-metric-every=999999 --core-metric-max-per-task="$CORE_MAX_PER_TASK" \
-            --sample-every=-1 --save-every=-1 --keep-last=1 --model-tag="$TAG" --run="$WANDB_RUN" $EXTRA_ARGS
+            --core-metric-every=-1 --core-metric-max-per-task="$CORE_MAX_PER_TASK" \
+            --sample-every=0 --save-every=-1 --keep-last=1 --model-tag="$TAG" --run="$WANDB_RUN" $EXTRA_ARGS
         echo "[scaling_laws] d$D at $F FLOPs: finished in $(( $(date +%s) - t0 ))s (wall, incl. evals)"
         "$PYTHON" "$REPO/bench/scaling_plot.py" collect scaling "$RESULTS" --model-tag "$TAG" --flops-budget "$F"
     done

@@ -30,7 +30,7 @@ picochat tok-eval
 wait "$DATA_PID"
 torchrun --standalone --nproc_per_node="$NPROC" -m picochat base-train \
     --depth=24 --target-param-data-ratio=8 --device-batch-size=16 --fp8 \
-    --sample-every=-1 --save-every=1000 --core-metric-every=999999 --core-metric-max-per-task=-1 \
+    --sample-every=0 --save-every=1000 --core-metric-every=-1 --core-metric-max-per-task=-1 \
     --resume auto --run="$WANDB_RUN"
 torchrun --standalone --nproc_per_node="$NPROC" -m picochat base-eval --device-batch-size=16
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from picochat.run_record import RunRecord
 from picochat.stages.base_train import build_parser, derive, lr_multiplier, muon_momentum, muon_weight_decay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_schedules():
 
 TRAIN = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "64", "--window-pattern", "L",
          "--device-batch-size", "2", "--total-batch-size", "256", "--num-iterations", "8", "--eval-every", "4",
-         "--eval-tokens", "128", "--save-every", "2", "--core-metric-every", "-1", "--sample-every", "8",
+         "--eval-tokens", "128", "--save-every", "2", "--core-metric-every", "0", "--sample-every", "8",
          "--warmup-steps", "2", "--device-type", "cpu"]
 
 
@@ -147,10 +148,12 @@ def test_kill_and_resume_is_bitwise_exact_then_base_eval(tiny_home, request):
     assert sum(r[3] is not None for r in a) == 3  # val bpb at steps 0, 4, 8
     assert "sample:" in ref_out and "minimum val bpb" in ref_out
     meta = json.loads((ckdir / "meta_000008.json").read_text())
-    for key in ("model_config", "user_config", "picochat_version", "compute_dtype", "world_size", "tokenizer",
-                "dataloader_state", "loop_state", "rng_state"):
+    for key in ("model_config", "run", "picochat_version", "world_size", "tokenizer", "rng_state"):
         assert key in meta, key
     assert meta["tokenizer"]["sha256"]
+    run = RunRecord.from_meta(meta)  # the typed run record: every value once
+    assert (run.stage, run.model_tag, run.max_seq_len, run.num_iterations) == ("base", "run", 64, 8)
+    assert run.loader["world_size"] == 1 and run.loop["val_bpb"] == a[-1][3]
     # a different model config is refused, naming the difference
     out, rc = _train(home, "run", "--resume", "6", "--aspect-ratio", "64")
     assert rc != 0 and "n_embd: checkpoint=64 vs now=128" in out, out
@@ -190,7 +193,8 @@ def test_kill_and_resume_is_bitwise_exact_then_base_eval(tiny_home, request):
 def test_budget_refit_keeps_the_schedule():
     """The refit step lies before the warmdown of both the first and the refit horizon, so the LR multiplier of
     every step already taken is the same under either horizon."""
-    from picochat.stages.base_train import budget_refine_step, lr_multiplier
+    from picochat.stages.base_train import lr_multiplier
+    from picochat.train_loop import budget_refine_step
     for n in [40, 100, 479, 1153, 10_000]:
         at = budget_refine_step(10, n, 0.65)
         if at is None:
@@ -204,7 +208,7 @@ def test_budget_refit_keeps_the_schedule():
 def test_horizon_for_budget_fits_the_wall_clock():
     """The chosen horizon's simulated wall time (steps + periodic and final val evals) fits the budget, and
     one more step's worth of training would not have fitted by much."""
-    from picochat.stages.base_train import horizon_for_budget
+    from picochat.train_loop import horizon_for_budget
     for budget, elapsed, step, step_s, eval_s, every in [(900, 40, 10, 0.7, 12.0, 100), (60, 20, 10, 0.5, 0.0, -1),
                                                         (3600, 300, 10, 2.0, 60.0, 250), (120, 30, 10, 0.1, 3.0, 5)]:
         n = horizon_for_budget(budget, elapsed, step, step_s, eval_s, every)
@@ -224,7 +228,7 @@ def test_time_budget_run_with_split_docs(tiny_home):
     i = flags.index("--num-iterations")
     del flags[i:i + 2]
     flags[flags.index("--save-every") + 1] = "-1"
-    flags[flags.index("--sample-every") + 1] = "-1"  # sampling is outside the budget
+    flags[flags.index("--sample-every") + 1] = "0"  # sampling is outside the budget
     cmd = [sys.executable, "-m", "picochat", "base-train", *flags, "--max-time-s", str(budget), "--split-docs",
            "--data-dir", str(tiny_home / "shards"), "--model-tag", "budget", "--resume", "auto"]
     t0 = time.time()
@@ -232,7 +236,7 @@ def test_time_budget_run_with_split_docs(tiny_home):
     wall = time.time() - t0
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
-    from picochat.stages.base_train import budget_refine_step
+    from picochat.train_loop import budget_refine_step
     fits = re.findall(r"--max-time-s 15: .* -> horizon ([\d,]+) iterations( \(refit\))?", out)
     first = int(fits[0][0].replace(",", ""))
     # fixed after the probe steps, then refit once before the warmdown when the first horizon leaves room for it
@@ -246,8 +250,8 @@ def test_time_budget_run_with_split_docs(tiny_home):
     assert wall < 1.5 * budget, f"{wall:.1f}s for a {budget}s budget\n{out}"
     ckdir = tiny_home / "checkpoints" / "base" / "budget"
     meta = json.loads((ckdir / f"meta_{horizon:06d}.json").read_text())
-    assert meta["num_iterations"] == horizon and not meta.get("budget_pending")
-    assert meta["dataloader_state"]["ranks"][0]["split_docs"] is True
+    assert meta["run"]["num_iterations"] == horizon
+    assert meta["run"]["loader"]["ranks"][0]["split_docs"] is True
     assert [r[0] for r in _metrics(tiny_home, "budget")][-1] == horizon
     p = subprocess.run(cmd, env=_env(tiny_home), capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0 and "nothing to do" in p.stdout + p.stderr, p.stdout + p.stderr

@@ -1,9 +1,14 @@
 """Chat stages: SFT packing loader (whole conversations, exact resume), the NaN guard, identity data
 (templates and a fake OpenAI-compatible endpoint), and a tiny CPU end-to-end
 base checkpoint -> chat-sft -> chat-rl -> chat-eval."""
+import os
+import sys
 import json
 import math
+import signal
 import threading
+import subprocess
+from pathlib import Path
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
 import pytest
@@ -14,9 +19,24 @@ from picochat import fetch
 from picochat.stages import gen_identity
 from picochat.stages.chat_sft import SFTLoader, accumulate_gradients, lr_multiplier
 from picochat.gpt import GPTConfig, build_model
+from picochat.run_record import RunRecord
 from picochat.tasks import CustomJSON, BASELINES, make_task
 
 from test_tasks import make_tiny_mirror
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def save_tiny_base(tok):
+    """A d2 base checkpoint (step 0) with the run record chat-sft inherits its sizes and LRs from."""
+    from picochat import checkpoint
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tok, 128), torch.device("cpu"), torch.float32)
+    run = RunRecord(stage="base", model_tag="d2", compute_dtype="float32", max_seq_len=128, device_batch_size=2,
+                    total_batch_size=512, lrs={"embedding": 0.1, "unembedding": 0.004, "matrix": 0.01, "scalar": 0.5},
+                    num_iterations=0)
+    checkpoint.save_checkpoint(checkpoint.checkpoint_dir("base", "d2"), 0, model, model.setup_optimizer(),
+                               {"model_config": model.config.to_dict(), "run": run.to_dict()})
 
 
 def tiny_config(tok, seq_len=128):
@@ -255,14 +275,7 @@ def test_end_to_end_cpu(tmp_path, picochat_home, tiny_tokenizer, monkeypatch, ca
     monkeypatch.setenv("PICOCHAT_MIRROR", str(mirror))
     tiny_tokenizer.save(picochat_home / "tokenizer")
 
-    torch.manual_seed(0)
-    model = build_model(tiny_config(tiny_tokenizer, 128), torch.device("cpu"), torch.float32)
-    opt = model.setup_optimizer()
-    meta = {"model_config": model.config.to_dict(),
-            "user_config": {"device_batch_size": 2, "max_seq_len": 128, "total_batch_size": 512,
-                            "embedding_lr": 0.1, "unembedding_lr": 0.004, "matrix_lr": 0.01},
-            "device_batch_size": 2, "max_seq_len": 128, "total_batch_size": 512}
-    checkpoint.save_checkpoint(checkpoint.checkpoint_dir("base", "d2"), 0, model, opt, meta)
+    save_tiny_base(tiny_tokenizer)
 
     # SFT: a small repetitive mixture so the loss must fall within a few steps
     rc = chat_sft.main(["--device-type", "cpu", "--num-iterations", "12", "--device-batch-size", "2",
@@ -281,14 +294,15 @@ def test_end_to_end_cpu(tmp_path, picochat_home, tiny_tokenizer, monkeypatch, ca
     assert core_rows and core_rows[-1]["step"] == 12
     sft_meta = checkpoint.read_meta(sft_dir, 12)
     assert sft_meta["model_config"]["window_pattern"] == "L"     # SFT keeps the base run's window pattern
-    assert sft_meta["dataloader_state"]["rank0"]["consumed"] > 0
+    assert sft_meta["run"]["loader"]["ranks"][0]["consumed"] > 0
+    assert sft_meta["run"]["parent"] == {"source": "base", "model_tag": "d2", "step": 0}
 
     # exact resume: continuing from step 6 reproduces the step-12 weights bit for bit
     w12 = checkpoint.load_state(sft_dir, 12, "cpu")[0]
     checkpoint.delete_checkpoint(sft_dir, 12)
     rc = chat_sft.main(["--device-type", "cpu", "--num-iterations", "12", "--device-batch-size", "2",
                         "--total-batch-size", "256", "--mixture", "simplespelling@4:2",
-                        "--val-mixture", "gsm8k@2", "--eval-every", "-1", "--chatcore-every", "-1",
+                        "--val-mixture", "gsm8k@2", "--eval-every", "0", "--chatcore-every", "0",
                         "--save-every", "6", "--init-lr-frac", "1.0", "--resume", "auto"])
     assert rc == 0
     w12b = checkpoint.load_state(sft_dir, 12, "cpu")[0]
@@ -302,7 +316,7 @@ def test_end_to_end_cpu(tmp_path, picochat_home, tiny_tokenizer, monkeypatch, ca
     rl_dir = checkpoint.checkpoint_dir("rl", "d2")
     assert checkpoint.find_last_step(rl_dir) == 2
     rl_rows = checkpoint.read_metrics(rl_dir)
-    assert [r["step"] for r in rl_rows if "reward" in r] == [1, 2]
+    assert [r["step"] for r in rl_rows if "reward" in r] == [0, 1]
     assert any("pass@2" in r for r in rl_rows)
 
     # eval: every task on a handful of problems
@@ -356,3 +370,57 @@ def test_categorical_uses_answer_position(tmp_path, picochat_home, tiny_tokenize
     # prompts longer than the context are cut to BOS + tail, keeping the answer position
     correct, total = run_categorical(_RiggedModel(tiny_tokenizer, seq_len=16), tiny_tokenizer, task, batch_size=2)
     assert (correct, total) == (want, len(MMLU_ROWS))
+
+# -----------------------------------------------------------------------------
+# Exact resume of chat-sft and chat-rl: SIGKILL mid-run, --resume auto, and the losses, rewards and weights are
+# bitwise those of the uninterrupted run (both run as processes with the same settings)
+
+SFT_FLAGS = ["--device-type", "cpu", "--num-iterations", "10", "--device-batch-size", "2", "--total-batch-size", "256",
+             "--mixture", "simplespelling@8:2", "--val-mixture", "gsm8k@2", "--eval-every", "0",
+             "--chatcore-every", "0", "--save-every", "4", "--init-lr-frac", "1.0"]
+RL_FLAGS = ["--device-type", "cpu", "--num-iterations", "4", "--examples-per-step", "1", "--num-samples", "2",
+            "--device-batch-size", "2", "--max-new-tokens", "8", "--temperature", "1.0", "--eval-every", "0",
+            "--save-every", "2", "--init-lr-frac", "1.0"]
+
+
+def _stage(home, mirror, stage, flags, kill_at=None):
+    env = dict(os.environ, PICOCHAT_HOME=str(home), PICOCHAT_MIRROR=str(mirror), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    env.pop("PICOCHAT_FAULT_SIGKILL", None)
+    if kill_at is not None:
+        env["PICOCHAT_FAULT_SIGKILL"] = str(kill_at)
+    p = subprocess.run([sys.executable, "-m", "picochat", stage, *flags], env=env, capture_output=True, text=True,
+                       cwd=REPO)
+    return p.stdout + p.stderr, p.returncode
+
+
+@pytest.mark.slow
+def test_sft_and_rl_kill_and_resume_are_bitwise_exact(tmp_path, tiny_tokenizer, monkeypatch):
+    from picochat import checkpoint
+    mirror = make_tiny_mirror(tmp_path / "mirror")
+    homes = {}
+    for name in ("ref", "run"):
+        home = homes[name] = tmp_path / name
+        monkeypatch.setenv("PICOCHAT_HOME", str(home))
+        tiny_tokenizer.save(home / "tokenizer")
+        save_tiny_base(tiny_tokenizer)
+
+    def final(home, source, key, steps):
+        d = home / "checkpoints" / source / "d2"
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r[key]) for r in rows if key in r], checkpoint.load_state(d, steps, "cpu")[0]
+
+    for stage, flags, kill_at, key, steps, source in [("chat-sft", SFT_FLAGS, 6, "train_loss", 10, "sft"),
+                                                       ("chat-rl", RL_FLAGS, 3, "reward", 4, "rl")]:
+        out, rc = _stage(homes["ref"], mirror, stage, flags)
+        assert rc == 0, out
+        out, rc = _stage(homes["run"], mirror, stage, flags, kill_at=kill_at)
+        assert rc == -signal.SIGKILL, out
+        out, rc = _stage(homes["run"], mirror, stage, flags)  # a fresh run must not mix with the killed one's
+        assert rc == 2 and "already holds checkpoints" in out and "--resume auto" in out, out
+        out, rc = _stage(homes["run"], mirror, stage, [*flags, "--resume", "auto"])
+        assert rc == 0 and f"resuming from step {kill_at - kill_at % int(flags[flags.index('--save-every') + 1])}" in out, out
+        (rows_ref, w_ref), (rows_run, w_run) = final(homes["ref"], source, key, steps), final(homes["run"], source, key, steps)
+        assert [s for s, _ in rows_ref] == list(range(steps))
+        assert rows_ref == rows_run, f"{stage}: {rows_ref} != {rows_run}"  # floats compared exactly
+        assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref), f"{stage}: final weights differ"

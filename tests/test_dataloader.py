@@ -12,6 +12,7 @@ import torch
 
 from picochat import dataloader
 from picochat.dataloader import pretrain_batches, assign_row_groups
+from picochat.train_loop import gather_loader_states, rank_loader_state
 
 FIRST = 0x21  # doc k is the character chr(FIRST + k) repeated: every token names its document
 
@@ -194,10 +195,11 @@ def test_exact_resume_across_file_and_epoch(tmp_path, tiny_tokenizer, split_docs
         for (x0, y0, s0), (x1, y1, s1) in zip(straight[k:], resumed):
             assert torch.equal(x0, x1) and torch.equal(y0, y1), f"resume after batch {k} diverged"
             assert s0 == s1
-    # the gathered (all ranks) form resumes too
-    gathered = dataloader.gather_state(states[9])
+    # through the checkpoint's all-ranks form
+    gathered = gather_loader_states(states[9])
     assert gathered == {"world_size": 1, "ranks": [states[9]]}
-    x, y, _ = take(pretrain_batches(tiny_tokenizer, resume_state=json.loads(json.dumps(gathered)), **kw), 1)[0]
+    own = rank_loader_state(json.loads(json.dumps(gathered)), 0, 1)
+    x, y, _ = take(pretrain_batches(tiny_tokenizer, resume_state=own, **kw), 1)[0]
     assert torch.equal(x, straight[10][0]) and torch.equal(y, straight[10][1])
     assert len(json.dumps(states[-1])) < 2000  # small enough for checkpoint meta
     if split_docs:  # pieces of one document are resumed mid-document, from the buffer refs
@@ -215,7 +217,7 @@ def test_state_mismatches_are_clear(tmp_path):
     with pytest.raises(ValueError, match="rank 0 of 2"):
         pretrain_batches(tok, 2, 16, "train", resume_state=state, rank=1, world_size=2, **kw)
     with pytest.raises(ValueError, match="same world size"):
-        pretrain_batches(tok, 2, 16, "train", resume_state={"world_size": 2, "ranks": [state, state]}, **kw)
+        rank_loader_state({"world_size": 2, "ranks": [state, state]}, 0, 1)
     with pytest.raises(ValueError, match="split"):
         pretrain_batches(tok, 2, 16, "val", resume_state=state, rank=0, world_size=2, **kw)
 
@@ -294,7 +296,7 @@ def _ddp_worker(rank, world, port, data, out):
     try:
         it = pretrain_batches(CharTokenizer(), 2, 16, "train", data_dir=data, buffer_size=4, tokenizer_batch_size=4)
         _, _, state = take(it, 3)[-1]
-        gathered = dataloader.gather_state(state)  # collective: every rank calls it
+        gathered = gather_loader_states(state)  # collective: every rank calls it
         if rank == 0:
             out.write_text(json.dumps(gathered))
     finally:
@@ -315,6 +317,6 @@ def test_gather_state_two_processes_then_exact_resume(tmp_path):
     kw = dict(data_dir=data, buffer_size=4, tokenizer_batch_size=4, world_size=2)
     for r in range(2):  # every rank resumes from the gathered checkpoint state exactly where it stopped
         straight = take(pretrain_batches(CharTokenizer(), 2, 16, "train", rank=r, **kw), 8)
-        resumed = take(pretrain_batches(CharTokenizer(), 2, 16, "train", rank=r, resume_state=gathered, **kw), 5)
+        resumed = take(pretrain_batches(CharTokenizer(), 2, 16, "train", rank=r, resume_state=rank_loader_state(gathered, r, 2), **kw), 5)
         for (x0, y0, _), (x1, y1, _) in zip(straight[3:], resumed):
             assert torch.equal(x0, x1) and torch.equal(y0, y1)

@@ -123,6 +123,9 @@ def test_import_nanochat_round_trip(tmp_path, picochat_home, tiny_tokenizer):
     assert not any(f.suffix in (".pkl", ".pt") for f in out.rglob("*"))
     loaded, tok, meta = load_model("base", torch.device("cpu"), model_tag="d4")
     assert meta["step"] == 7 and tok.ranks == tiny_tokenizer.ranks
+    from picochat.run_record import RunRecord
+    run = RunRecord.from_meta(meta)  # what chat-sft inherits from an imported base model
+    assert run.max_seq_len == model.config.sequence_len and run.lrs["matrix"] == 0.02 and run.parent["step"] == 7
     idx = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))

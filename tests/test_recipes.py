@@ -126,7 +126,7 @@ def test_cpu_recipe_end_to_end(shared_data, tmp_path):
     base_meta = json.loads((base_dir / "meta_000004.json").read_text())
     assert base_meta["model_config"]["n_layer"] == 1 and base_meta["model_config"]["vocab_size"] == 512
     assert base_meta["model_config"]["sequence_len"] == 64
-    assert base_meta["val_bpb"] is not None and math.isfinite(base_meta["val_bpb"])
+    assert base_meta["run"]["loop"]["val_bpb"] is not None and math.isfinite(base_meta["run"]["loop"]["val_bpb"])
     base_csv = home / "base_eval" / "d1_000004.csv"
     rows = list(csv.reader(base_csv.open()))
     tasks = {r[0].strip() for r in rows[1:]}

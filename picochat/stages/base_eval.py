@@ -74,8 +74,7 @@ def main(argv=None):
         print0(line)
     model, tokenizer, meta = ckpt.load_model("base", rt.device, phase="eval", model_tag=args.model_tag,
                                              step=args.step)
-    step = meta["step"]
-    model_tag = args.model_tag or ckpt.find_largest_model(get_base_dir() / "checkpoints" / "base")
+    step, model_tag = meta["step"], meta["model_tag"]
     T = model.config.sequence_len
     print0(f"base-eval: {model_tag} step {step} on {rt.device_type}")
     section = {"model_tag": model_tag, "step": step}
@@ -131,7 +130,3 @@ def main(argv=None):
         report.log_section("base-evaluation", section)
     compute_cleanup()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

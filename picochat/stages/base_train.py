@@ -4,7 +4,7 @@ Pretrain a GPT on the pretraining shards. Every hyperparameter follows from --de
 Examples:
     # CPU demo (minutes): a d4 model at sequence 512
     picochat base-train --depth 4 --max-seq-len 512 --device-batch-size 8 --total-batch-size 16384 \
-        --num-iterations 200 --eval-every 50 --eval-tokens 65536 --core-metric-every -1 --sample-every 100
+        --num-iterations 200 --eval-every 50 --eval-tokens 65536 --core-metric-every 0 --sample-every 100
     # the speedrun on one 8xH100 node
     torchrun --standalone --nproc_per_node=8 -m picochat base-train --depth 24 --target-param-data-ratio 8 \
         --device-batch-size 16 --fp8 --run speedrun
@@ -27,12 +27,9 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import gc
 import math
 import time
-import signal
 import argparse
-import contextlib
 
 import torch
-import torch.distributed as dist
 
 from picochat import __version__
 from picochat.common import (compute_init, compute_cleanup, print0, warn0, synchronize,
@@ -43,11 +40,13 @@ from picochat.gpt import GPT, build_model, config_from_depth
 from picochat.engine import sample_prompts
 from picochat.core_eval import evaluate_core, load_core_tasks
 from picochat.tokenizer import get_tokenizer, get_token_bytes
-from picochat.dataloader import pretrain_batches, gather_state
+from picochat.dataloader import pretrain_batches
 from picochat.loss_eval import evaluate_bpb
+from picochat.run_record import RunRecord
+from picochat.train_loop import (BUDGET_PROBE_STEPS, Horizon, add_resume_flag, due, evaluating, fault_hook, gather_loader_states,
+                                 optimizer_step, rank_loader_state, resume_step, restore, set_schedule)
 
 B_REF = 2 ** 19          # reference total batch size (tokens) at the d12 reference
-BUDGET_PROBE_STEPS = 10  # --max-time-s: steps timed before the horizon is fixed
 REF_DEPTH = 12           # all hyperparameter transfer is relative to d12
 BATCH_EXPONENT = 0.383   # Power Lines: B_opt ~ D^0.383
 
@@ -103,8 +102,7 @@ def build_parser():
       help="cut documents longer than a row into BOS-first row-sized pieces instead of cropping their tails "
            "(the reference crops). Use at short --max-seq-len (the CPU demo), where cropping would discard most "
            "of each document. Validation keeps the reference's packing, so val bpb stays comparable")
-    a("--resume", default=None, help="'auto' (last complete checkpoint of this run, else start fresh) or a step")
-    a("--resume-from-step", type=int, default=-1)
+    add_resume_flag(p)
     return p
 
 # -----------------------------------------------------------------------------
@@ -194,51 +192,8 @@ def muon_weight_decay(it, n, wd):
 # -----------------------------------------------------------------------------
 # Helpers
 
-def _fp8_eval_context(model, active):
-    """FP8 layers are swapped for plain Linear shells during evaluation (avoids a VRAM spike)."""
-    if not active:
-        return contextlib.nullcontext()
-    return fp8.disable_fp8(model)
-
-
 def _json_float(x):
     return None if x is None or not math.isfinite(x) else x
-
-
-def _fault_hook(step, phase):
-    """Fault injection for the exact-resume test: PICOCHAT_FAULT_SIGKILL=<step> kills this process with SIGKILL
-    just before training step <step>. (Mid-save kills: see checkpoint.save_checkpoint.)"""
-    spec = os.environ.get("PICOCHAT_FAULT_SIGKILL")
-    if spec and phase == "step" and spec == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def horizon_for_budget(budget_s, elapsed_s, step, step_s, eval_s, eval_every):
-    """Iterations that fit the wall-clock budget: the steps done so far plus as many more as the time left
-    allows, counting the periodic val evals (and the final one) at their measured cost. 2% is kept in reserve
-    for the final save and noise."""
-    left = 0.98 * budget_s - elapsed_s - eval_s  # the final evaluation always runs
-    per_step = step_s + (eval_s / eval_every if eval_every > 0 else 0.0)
-    return step + max(1, int(left / per_step))
-
-
-def budget_refine_step(probe_end, n, warmdown_ratio):
-    """--max-time-s re-measures the step time once, later and over a longer window: the first steps run slower
-    (allocator warm-up, the loader filling its buffer on the same cores: ~20% on 2 CPU cores) and would leave
-    that much of the budget unused. The refit must land before the warmdown starts, where the LR multiplier does
-    not depend on the horizon yet, so the schedule already followed stays the schedule of the final horizon.
-    Returns the step to refit at, or None when the run is too short for one."""
-    at = probe_end + max(2 * BUDGET_PROBE_STEPS, n // 10)
-    return at if at < (1 - warmdown_ratio) * n else None
-
-
-def _agree(n: int) -> int:
-    """Every rank must use the same horizon (their clocks differ): the smallest one."""
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([n], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        n = int(t.item())
-    return n
 
 
 def print_table(rows):
@@ -278,7 +233,7 @@ def main(argv=None):
     if args.fp8:
         use_fp8 = fp8.resolve_fp8(True, device)  # CUDA SM90+ only; warns and returns False elsewhere
     wandb_run = init_wandb("picochat", args.run, vars(args), master)
-    if args.warmup_steps < 1 and args.resume is None and args.resume_from_step < 0:
+    if args.warmup_steps < 1 and args.resume is None:
         # zero-initialised output projections make every block the identity at step 0, so the loss does not
         # depend on the residual scalars and their gradient is rounding noise; AdamW's first step at full LR
         # moves them by a whole LR unit in that noise's direction (in bf16 this flipped the residual stream's
@@ -302,47 +257,21 @@ def main(argv=None):
     # ---- resume ----
     model_tag = args.model_tag or f"d{args.depth}"
     ckpt_dir = ckpt.checkpoint_dir("base", model_tag)
-    resume_step = None
-    if args.resume is not None and args.resume != "auto":
-        try:
-            resume_step = int(args.resume)
-        except ValueError:
-            raise ValueError(f"--resume must be 'auto' or a step number, got {args.resume!r}") from None
-    elif args.resume_from_step >= 0:
-        resume_step = args.resume_from_step
-    elif args.resume == "auto":
-        resume_step = ckpt.find_last_step(ckpt_dir)
-        print0(f"--resume auto: {'resuming from step ' + str(resume_step) if resume_step is not None else 'no complete checkpoint in ' + str(ckpt_dir) + ', starting fresh'}")
-    meta = None
-    budget_pending = args.max_time_s > 0  # the horizon is fixed after the first steps (below)
-    if resume_step is not None:
-        resumed_meta = ckpt.read_meta(ckpt_dir, resume_step)
-        if args.max_time_s > 0 and not resumed_meta.get("budget_pending", False):
-            num_iterations = resumed_meta["num_iterations"]  # a budgeted run continues to the horizon it chose
-            budget_pending = False
-    if resume_step is not None and not budget_pending and resume_step >= num_iterations:
-        print0(f"{ckpt_dir} already holds the final checkpoint (step {resume_step} of {num_iterations}): nothing to do")
-        compute_cleanup()
-        return 0
-    if resume_step is not None:
-        state, meta = ckpt.load_state(ckpt_dir, resume_step, device)
-        ckpt.check_resume_compat(meta, config.to_dict(), rt.world_size)
-        model.load_state_dict(state, strict=True)
-        del state
-        optimizer.load_shard_state_dict(ckpt.load_optimizer_state(ckpt_dir, resume_step, rt.rank))
-        ckpt.set_rng_state(meta["rng_state"])
-        if master:
-            ckpt.truncate_metrics(ckpt_dir, resume_step)  # the resumed run rewrites rows from resume_step on
-    else:
-        # a fresh run must not mix with an older run's checkpoints: a later --resume auto would pick up the
-        # stale, higher-step ones
-        existing = [st for st in ckpt.list_steps(ckpt_dir) if ckpt.is_complete(ckpt_dir, st)]
-        if existing:
-            raise ValueError(f"{ckpt_dir} already holds checkpoints of an earlier run (steps {existing}). "
-                             "Pass --resume auto to continue it, choose another --model-tag, or delete that "
-                             "directory to start over.")
-        if master:
-            ckpt.truncate_metrics(ckpt_dir, 0)
+    horizon = Horizon(num_iterations, args.max_time_s, t_start, warmdown_ratio=args.warmdown_ratio,
+                      eval_every=max(args.eval_every, 0))
+    start_step = resume_step(args.resume, ckpt_dir, master)
+    record = None
+    if start_step is not None:
+        record = RunRecord.from_meta(ckpt.read_meta(ckpt_dir, start_step), f"{ckpt_dir} step {start_step}")
+        if args.max_time_s > 0 and record.num_iterations > 0:
+            horizon.fixed(record.num_iterations)  # a budgeted run continues to the horizon it chose
+        if not horizon.pending and start_step >= horizon.steps:
+            print0(f"{ckpt_dir} already holds the final checkpoint (step {start_step} of {horizon.steps}): "
+                   "nothing to do")
+            compute_cleanup()
+            return 0
+        restore(ckpt_dir, start_step, model, optimizer, device, rt.world_size, rt.rank, master)
+        horizon.probe_end = start_step + BUDGET_PROBE_STEPS
     barrier()
 
     orig_model = model  # uncompiled: for saving, CORE and sampling
@@ -381,66 +310,56 @@ def main(argv=None):
                            f"unembedding {args.unembedding_lr * s:.5g}, scalar {args.scalar_lr * s:.5g}"),
         ("Muon weight decay", f"{d['weight_decay']:.5g} = {args.weight_decay} x sqrt(B/B_ref) x N_ref/N"),
         ("horizon", f"set by --max-time-s {args.max_time_s:g} after the first {BUDGET_PROBE_STEPS} steps"
-                    if budget_pending else f"{num_iterations:,} iterations (from {d['horizon']})"),
+                    if horizon.pending else f"{horizon.steps:,} iterations (from {d['horizon']})"),
         ("tokens", f"{d['total_tokens']:,} (tokens:params {d['total_tokens'] / d['scaling_params']:.2f})"),
         ("total FLOPs", f"{d['total_flops']:.4e}"),
         ("peak FLOP/s", "unknown" if peak_flops is None else f"{peak_flops:.4e}" + (" (measured fp32 matmul)" if device_type == "cpu" else "")),
         ("compile / fp8", f"{use_compile} / {use_fp8}"),
-        ("checkpoints", f"{ckpt_dir}" + (f" (resuming at step {resume_step})" if resume_step is not None else "")),
+        ("checkpoints", f"{ckpt_dir}" + (f" (resuming at step {start_step})" if start_step is not None else "")),
     ])
 
     # ---- data ----
-    loader_state = meta["dataloader_state"] if meta else None
+    loader_state = rank_loader_state(record.loader, rt.rank, rt.world_size) if record else None
     train_loader = pretrain_batches(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
                                     data_dir=args.data_dir, resume_state=loader_state, split_docs=args.split_docs)
     consumed_state = loader_state  # the state right after the last batch TRAINED on (what a resume needs)
     x, y, next_state = next(train_loader)  # prefetch
-    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * rt.world_size))
+    eval_steps = max(1, args.eval_tokens // d["tokens_per_fwdbwd"])
 
     # ---- loop state ----
-    loop = meta["loop_state"] if meta else {}
-    step = resume_step or 0
-    smooth_loss = loop.get("smooth_train_loss", 0.0)
-    min_val_bpb = loop.get("min_val_bpb") or float("inf")
-    total_training_time = loop.get("total_training_time", 0.0)
-    val_bpb = meta.get("val_bpb") if meta else None
+    loop = {"smooth_train_loss": 0.0, "min_val_bpb": None, "total_training_time": 0.0, "val_bpb": None,
+            **(record.loop if record else {})}
+    step = start_step or 0
     core_result = None
     first_step_of_process = True
     peak_flops_world = peak_flops * rt.world_size if peak_flops else None
     mfu = None
     row = {}
     timed_steps_this_run, timed_time_this_run = 0, 0.0  # for the mean MFU of the report
-    probe_dts, eval_cost = [], 0.0  # --max-time-s: measured step and val-eval times
-    probe_end = step + BUDGET_PROBE_STEPS
-    refine_at = None  # set when the horizon is first fixed (only in the process that fixed it)
-    if budget_pending:
-        num_iterations = 10 ** 9  # provisional: warmup / constant LR until the horizon is fixed at probe_end
-        if args.core_metric_every > 0 or args.sample_every > 0:
-            warn0("--max-time-s budgets training and val evals only; CORE and sampling time is not counted "
-                  "(set --core-metric-every -1 --sample-every -1 to stay inside the budget)")
+    if horizon.pending and (args.core_metric_every != 0 or args.sample_every != 0):
+        warn0("--max-time-s budgets training and val evals only; CORE and sampling time is not counted "
+              "(set --core-metric-every 0 --sample-every 0 to stay inside the budget)")
 
     while True:
-        last_step = step == num_iterations
+        last_step = step == horizon.steps
         row = {"step": step}
         # -- evaluation (not timed) --
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-            train_model.eval()
+        if due(step, args.eval_every, last_step, at_start=True):
             t_eval = time.time()
             val_loader = pretrain_batches(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
                                           data_dir=args.data_dir)
-            with _fp8_eval_context(orig_model, use_fp8):
+            with evaluating(orig_model, use_fp8):
                 val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
             del val_loader
-            eval_cost = time.time() - t_eval
-            train_model.train()
-            min_val_bpb = min(min_val_bpb, val_bpb)
+            horizon.eval_cost = time.time() - t_eval
+            loop["val_bpb"] = val_bpb
+            loop["min_val_bpb"] = val_bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], val_bpb)
             row["val_bpb"] = val_bpb
             print0(f"step {step:05d} | val bpb {val_bpb:.6f}")
             wandb_run.log({"step": step, "total_training_flops": d["flops_per_token"] * total_batch * step,
-                           "total_training_time": total_training_time, "val/bpb": val_bpb})
-        if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
-            orig_model.eval()
-            with _fp8_eval_context(orig_model, use_fp8):
+                           "total_training_time": loop["total_training_time"], "val/bpb": val_bpb})
+        if due(step, args.core_metric_every, last_step):
+            with evaluating(orig_model, use_fp8):
                 result = run_core(orig_model, tokenizer, device, args.core_metric_max_per_task,
                                   args.device_batch_size)
             if result is not None:
@@ -450,34 +369,27 @@ def main(argv=None):
                        f"(over {core_result['tasks_used']}/{core_result['tasks_total']} tasks)")
                 wandb_run.log({"step": step, "core_metric": core_result["core_metric"],
                                "centered_results": core_result["centered_results"]})
-            orig_model.train()
-        if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
-            orig_model.eval()
-            with _fp8_eval_context(orig_model, use_fp8):
+        if master and due(step, args.sample_every, last_step):
+            with evaluating(orig_model, use_fp8):
                 for text in sample_prompts(orig_model, tokenizer):
                     print0(f"  sample: {text!r}")
-            orig_model.train()
         # -- checkpoint --
-        if last_step or (step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0):
-            meta_out = {
-                "model_config": config.to_dict(),
-                "user_config": vars(args),
-                "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-                "total_batch_size": total_batch, "num_iterations": num_iterations, "budget_pending": budget_pending,
-                "compute_dtype": str(dtype).removeprefix("torch."),
-                "derived": {k: v for k, v in d.items() if k != "params"},
-                # every rank's loader state (a state restored from a checkpoint is already in gathered form)
-                "dataloader_state": (consumed_state if consumed_state is None or "ranks" in consumed_state
-                                     else gather_state(consumed_state)),
-                "loop_state": {"smooth_train_loss": smooth_loss, "min_val_bpb": _json_float(min_val_bpb),
-                               "total_training_time": total_training_time},
-                "rng_state": ckpt.get_rng_state(),
-                "val_bpb": _json_float(val_bpb),
-            }
-            ckpt.save_checkpoint(ckpt_dir, step, orig_model, optimizer, meta_out, keep_last=args.keep_last)
+        if last_step or (step != start_step and due(step, args.save_every, False)):
+            record = RunRecord(
+                stage="base", model_tag=model_tag, compute_dtype=str(dtype).removeprefix("torch."),
+                max_seq_len=args.max_seq_len, device_batch_size=args.device_batch_size, total_batch_size=total_batch,
+                lrs={"embedding": args.embedding_lr, "unembedding": args.unembedding_lr, "matrix": args.matrix_lr,
+                     "scalar": args.scalar_lr},
+                num_iterations=-1 if horizon.pending else horizon.steps, user_config=vars(args),
+                derived={k: v for k, v in d.items() if k != "params"},
+                loop={k: _json_float(v) if isinstance(v, float) else v for k, v in loop.items()},
+                loader=gather_loader_states(consumed_state))
+            ckpt.save_checkpoint(ckpt_dir, step, orig_model, optimizer,
+                                 {"model_config": config.to_dict(), "run": record.to_dict(),
+                                  "rng_state": ckpt.get_rng_state()}, keep_last=args.keep_last)
         if last_step:
             break
-        _fault_hook(step, "step")
+        fault_hook(step)
 
         # -- one optimizer step --
         synchronize(device_type)
@@ -493,48 +405,24 @@ def main(argv=None):
                 loss.backward()
             consumed_state = next_state
             x, y, next_state = next(train_loader)  # prefetch the next batch while the GPU works
-        lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
-        momentum = muon_momentum(step, num_iterations, args.warmdown_ratio)
-        muon_wd = muon_weight_decay(step, num_iterations, d["weight_decay"])
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = momentum
-                group["weight_decay"] = muon_wd
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-            if rt.ddp:  # every rank must agree on skipping the step
-                found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-                for v in found.values():
-                    dist.all_reduce(v, op=dist.ReduceOp.MAX)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        n_sched = horizon.schedule_steps
+        lrm = lr_multiplier(step, n_sched, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        set_schedule(optimizer, lrm, momentum=muon_momentum(step, n_sched, args.warmdown_ratio),
+                     muon_weight_decay=muon_weight_decay(step, n_sched, d["weight_decay"]))
+        optimizer_step(optimizer, scaler)
         train_model.zero_grad(set_to_none=True)
         train_loss = (loss_sum / grad_accum).item()  # .item() syncs
         synchronize(device_type)
         dt = time.time() - t0
 
-        # -- --max-time-s: fix the horizon once the first steps have been timed --
-        probe_dts.append(dt)
-        fit = budget_pending and step + 1 >= probe_end
-        refit = refine_at is not None and step + 1 == refine_at
-        if fit or refit:
-            window = probe_dts[1:] if fit else probe_dts[BUDGET_PROBE_STEPS:]  # without the warm-up step
-            step_s = sorted(window)[len(window) // 2]  # median
-            n = horizon_for_budget(args.max_time_s, time.time() - t_start, step + 1, step_s, eval_cost,
-                                   args.eval_every)
-            if refit:  # keep the schedule followed so far: the refit point must stay before the warmdown
-                n = max(n, math.ceil(refine_at / (1 - args.warmdown_ratio)) + 1)
-            num_iterations = _agree(n)
-            refine_at = budget_refine_step(step + 1, num_iterations, args.warmdown_ratio) if fit else None
-            budget_pending = False
-            d.update(num_iterations=num_iterations, horizon="--max-time-s", total_tokens=total_batch * num_iterations,
-                     total_flops=d["flops_per_token"] * total_batch * num_iterations)
-            print0(f"--max-time-s {args.max_time_s:.0f}: {step_s * 1000:.1f} ms/step, val eval {eval_cost:.1f}s, "
-                   f"{time.time() - t_start:.1f}s spent -> horizon {num_iterations:,} iterations"
-                   + (" (refit)" if refit else f" (refit at step {refine_at})" if refine_at else ""))
+        # -- --max-time-s: fix the horizon once the first steps have been timed (and refit it once) --
+        was_pending = horizon.pending
+        message = horizon.observe(step + 1, dt, time.time())
+        if message:
+            print0(message)
+            d.update(num_iterations=horizon.steps, horizon="--max-time-s" if was_pending else d["horizon"],
+                     total_tokens=total_batch * horizon.steps,
+                     total_flops=d["flops_per_token"] * total_batch * horizon.steps)
 
         # -- GC: freeze what exists after the first step, then collect rarely (avoids ~500 ms pauses) --
         if first_step_of_process:
@@ -544,40 +432,40 @@ def main(argv=None):
             gc.collect()
 
         # -- logging --
-        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
-        debiased = smooth_loss / (1 - 0.9 ** (step + 1))
+        loop["smooth_train_loss"] = 0.9 * loop["smooth_train_loss"] + 0.1 * train_loss
+        debiased = loop["smooth_train_loss"] / (1 - 0.9 ** (step + 1))
         if step > 10:  # the first steps (compile, warm-up) are not counted, as the leaderboard does
-            total_training_time += dt
+            loop["total_training_time"] += dt
             timed_steps_this_run += 1
             timed_time_this_run += dt
         tok_per_sec = int(total_batch / dt)
         mfu = 100 * d["flops_per_token"] * total_batch / dt / peak_flops_world if peak_flops_world else None
         timed_steps = step - 10
-        eta = (num_iterations - step - 1) * total_training_time / timed_steps if timed_steps > 0 else None
+        eta = (horizon.schedule_steps - step - 1) * loop["total_training_time"] / timed_steps if timed_steps > 0 else None
         pos = ""
         if isinstance(consumed_state, dict):
             pos = f" | epoch {consumed_state.get('epoch')} shard {consumed_state.get('file')} rg {consumed_state.get('row_group')}"
         lr_now = next(g["lr"] for g in optimizer.param_groups if g["kind"] == "muon") if any(
             g["kind"] == "muon" for g in optimizer.param_groups) else lrm
         # a --max-time-s run has no horizon until its first steps are timed: show '?' rather than the placeholder
-        horizon = "?" if budget_pending else f"{num_iterations:05d} ({100 * step / num_iterations:5.2f}%)"
-        eta = None if budget_pending else eta
+        of = "?" if horizon.pending else f"{horizon.steps:05d} ({100 * step / horizon.steps:5.2f}%)"
+        eta = None if horizon.pending else eta
         if timed_steps == 5 and eta is not None:
-            notice = long_run_notice(device_type, num_iterations - step - 1, total_training_time / timed_steps,
+            notice = long_run_notice(device_type, horizon.steps - step - 1, loop["total_training_time"] / timed_steps,
                                      "pass --num-iterations or --max-time-s")
             if notice:
                 warn0(notice)
-        print0(f"step {step:05d}/{horizon} | loss {debiased:.6f} | "
+        print0(f"step {step:05d}/{of} | loss {debiased:.6f} | "
                f"lrm {lrm:.2f} | dt {dt * 1000:.2f}ms | tok/sec {tok_per_sec:,} | mfu {format_mfu(mfu)}{pos} | "
                f"elapsed {(time.time() - t_start) / 60:.2f}m | "
                f"eta {'?' if eta is None else f'{eta / 60:.1f}m'}")
         row.update({"loss": train_loss, "smooth_loss": debiased, "lr": lr_now, "lrm": lrm, "dt": dt,
-                    "tok_per_sec": tok_per_sec, "mfu": mfu, "time_s": total_training_time})
+                    "tok_per_sec": tok_per_sec, "mfu": mfu, "time_s": loop["total_training_time"]})
         if master:
             ckpt.append_metrics(ckpt_dir, row)
         if step % 100 == 0:
             wandb_run.log({"step": step, "total_training_flops": d["flops_per_token"] * total_batch * step,
-                           "total_training_time": total_training_time, "train/loss": debiased, "train/lrm": lrm,
+                           "total_training_time": loop["total_training_time"], "train/loss": debiased, "train/lrm": lrm,
                            "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
         step += 1
 
@@ -586,8 +474,9 @@ def main(argv=None):
         ckpt.append_metrics(ckpt_dir, row)
     gc.enable()
     print0(f"peak memory: {max_memory_allocated(device_type) / 2**20:.1f} MiB")
-    print0(f"total training time: {total_training_time / 60:.2f}m")
-    print0(f"minimum val bpb: {min_val_bpb:.6f}" if math.isfinite(min_val_bpb) else "minimum val bpb: (not evaluated)")
+    print0(f"total training time: {loop['total_training_time'] / 60:.2f}m")
+    print0(f"minimum val bpb: {loop['min_val_bpb']:.6f}" if loop["min_val_bpb"] is not None
+           else "minimum val bpb: (not evaluated)")
     mean_mfu = mfu
     if peak_flops_world and timed_steps_this_run:
         mean_mfu = 100 * d["flops_per_token"] * total_batch * timed_steps_this_run / timed_time_this_run / peak_flops_world
@@ -595,9 +484,9 @@ def main(argv=None):
         section = {
             "model_tag": model_tag, "config": config.to_dict(), "user_config": vars(args),
             "parameters": p, "scaling_params": d["scaling_params"], "flops_per_token": d["flops_per_token"],
-            "total_batch_size": total_batch, "num_iterations": num_iterations, "tokens": d["total_tokens"],
-            "total_flops": d["total_flops"], "training_time_s": total_training_time, "mfu_percent": mean_mfu,
-            "min_val_bpb": _json_float(min_val_bpb), "final_val_bpb": _json_float(val_bpb),
+            "total_batch_size": total_batch, "num_iterations": horizon.steps, "tokens": d["total_tokens"],
+            "total_flops": d["total_flops"], "training_time_s": loop["total_training_time"], "mfu_percent": mean_mfu,
+            "min_val_bpb": _json_float(loop["min_val_bpb"]), "final_val_bpb": _json_float(loop["val_bpb"]),
             "core_metric": core_result["core_metric"] if core_result else None,
             "device": device_name(device_type), "world_size": rt.world_size,
             "compute_dtype": str(dtype).removeprefix("torch."),
@@ -606,7 +495,3 @@ def main(argv=None):
     wandb_run.finish()
     compute_cleanup()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

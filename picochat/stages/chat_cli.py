@@ -133,6 +133,3 @@ def main(argv=None):
                 if is_chat and messages and messages[-1]["role"] == "user":
                     messages.pop()
     return 0
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -82,7 +82,3 @@ def main(argv=None):
                            {"args": vars(args), "model_tag": tag, "step": step, **results, "ChatCORE": core})
     compute_cleanup()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,18 +20,14 @@ import argparse
 import itertools
 
 import torch
-import torch.distributed as dist
 
 from picochat import checkpoint, report
-from picochat.common import compute_init, compute_cleanup, print0, init_wandb
+from picochat.common import all_reduce, compute_init, compute_cleanup, print0, init_wandb, rank_world
 from picochat.engine import Engine
+from picochat.run_record import RunRecord
 from picochat.tasks.gsm8k import GSM8K
-
-
-def _all_reduce(t, op=None):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
+from picochat.train_loop import (add_resume_flag, due, fault_hook, optimizer_step, restore, resume_step,
+                                 set_schedule)
 
 
 @torch.no_grad()
@@ -76,8 +72,7 @@ def policy_gradient_backward(model, seqs, masks, advantages, device_batch_size, 
 def evaluate_passk(engine, tokenizer, task, num_examples, num_samples, device_batch_size, max_new_tokens,
                    temperature, top_k, device):
     """pass@k for k = 1..num_samples over the first num_examples problems (strided across ranks)."""
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank, world = rank_world()
     counts = torch.zeros(num_samples + 1, dtype=torch.long, device=device)   # [0] = problems seen
     for i in range(rank, min(num_examples, len(task)), world):
         conv = task[i]
@@ -88,7 +83,7 @@ def evaluate_passk(engine, tokenizer, task, num_examples, num_samples, device_ba
         counts[0] += 1
         for k in range(1, num_samples + 1):
             counts[k] += int(any(correct[:k]))
-    _all_reduce(counts)
+    all_reduce(counts)
     n = max(int(counts[0]), 1)
     return {f"pass@{k}": int(counts[k]) / n for k in range(1, num_samples + 1)}
 
@@ -113,10 +108,12 @@ def parse_args(argv):
     p.add_argument("--matrix-lr", type=float, default=0.02)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--init-lr-frac", type=float, default=0.05)
-    p.add_argument("--eval-every", type=int, default=60, help="-1 = off (the last step is still evaluated if > 0)")
+    p.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps and at the end; -1 = only at the "
+                   "end; 0 = never")
     p.add_argument("--eval-examples", type=int, default=400)
     p.add_argument("--eval-samples", type=int, default=8, help="samples per eval problem (pass@1..k)")
-    p.add_argument("--save-every", type=int, default=60)
+    p.add_argument("--save-every", type=int, default=60, help="-1 = only at the end")
+    add_resume_flag(p)
     return p.parse_args(argv)
 
 
@@ -151,26 +148,45 @@ def main(argv=None):
         group["initial_lr"] = group["lr"]
 
     out_dir = checkpoint.checkpoint_dir("rl", tag)
-    example_iter = itertools.cycle(range(rt.rank, len(train_task), rt.world_size))
-    passk, mean_reward = {}, 0.0
-    for step in range(num_steps + 1):
+    loop = {"pass_at_k": {}, "mean_reward": 0.0}
+    start_step = resume_step(args.resume, out_dir, master)
+    if start_step is not None:
+        run = RunRecord.from_meta(restore(out_dir, start_step, model, optimizer, device, rt.world_size, rt.rank, master),
+                                  f"{out_dir} step {start_step}")
+        loop.update(run.loop)
+        if run.num_iterations != num_steps:
+            raise ValueError(f"{out_dir} step {start_step} belongs to a run of {run.num_iterations} steps, this one "
+                             f"has {num_steps}: resume with the same --num-iterations/--num-epochs/--examples-per-step")
+    # the questions: rank r takes r, r+W, r+2W, ... cyclically; a resumed run skips what the finished steps used.
+    # Sampling seeds derive from (step, question), so the rollouts of a resumed step are the uninterrupted ones.
+    my_questions = range(rt.rank, len(train_task), rt.world_size)
+    example_iter = itertools.islice(itertools.cycle(my_questions), (start_step or 0) * examples_per_rank, None)
+    for step in range(start_step or 0, num_steps + 1):
         last = step == num_steps
-        if args.eval_every > 0 and (step % args.eval_every == 0 or last):
+        if due(step, args.eval_every, last, at_start=True):
             model.eval()
-            passk = evaluate_passk(engine, tokenizer, val_task, args.eval_examples, args.eval_samples,
-                                   args.device_batch_size, args.max_new_tokens, 1.0, args.top_k, device)
-            print0(f"step {step:05d} | " + " ".join(f"{k} {v:.4f}" for k, v in passk.items()))
-            wandb_run.log({"step": step, **passk})
+            loop["pass_at_k"] = evaluate_passk(engine, tokenizer, val_task, args.eval_examples, args.eval_samples,
+                                               args.device_batch_size, args.max_new_tokens, 1.0, args.top_k, device)
+            print0(f"step {step:05d} | " + " ".join(f"{k} {v:.4f}" for k, v in loop["pass_at_k"].items()))
+            wandb_run.log({"step": step, **loop["pass_at_k"]})
             if master:
-                checkpoint.append_metrics(out_dir, {"step": step, **passk})
-        if last or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
-            meta = {"model_config": model.config.to_dict(), "user_config": vars(args),
-                    "compute_dtype": str(rt.dtype).removeprefix("torch."),
-                    "sft_checkpoint": {"model_tag": tag, "step": sft_meta.get("step")}, "pass_at_k": passk}
-            checkpoint.save_checkpoint(out_dir, step, model, optimizer, meta)
+                checkpoint.append_metrics(out_dir, {"step": step, **loop["pass_at_k"]})
+        if last or (step != start_step and due(step, args.save_every, False)):
+            run = RunRecord(stage="rl", model_tag=tag, compute_dtype=str(rt.dtype).removeprefix("torch."),
+                            max_seq_len=model.config.sequence_len, device_batch_size=args.device_batch_size,
+                            total_batch_size=args.examples_per_step,
+                            lrs={"embedding": args.embedding_lr, "unembedding": args.unembedding_lr,
+                                 "matrix": args.matrix_lr},
+                            num_iterations=num_steps, parent={"source": "sft", "model_tag": tag,
+                                                              "step": sft_meta["step"]},
+                            user_config=vars(args), loop=loop)
+            checkpoint.save_checkpoint(out_dir, step, model, optimizer,
+                                       {"model_config": model.config.to_dict(), "run": run.to_dict(),
+                                        "rng_state": checkpoint.get_rng_state()})
             print0(f"saved checkpoint {out_dir} step {step}")
         if last:
             break
+        fault_hook(step)
 
         t0 = time.time()
         rewards_all, lengths, trained = [], [], 0
@@ -190,18 +206,18 @@ def main(argv=None):
             rewards_all += rewards.tolist()
             lengths += [len(s) - len(prompt) for s in seqs]
         lrm = 1.0 - step / num_steps
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-        optimizer.step()
+        set_schedule(optimizer, lrm)
+        optimizer_step(optimizer)
         model.zero_grad(set_to_none=True)
-        stats = _all_reduce(torch.tensor([sum(rewards_all), len(rewards_all), sum(lengths)], dtype=torch.float64,
+        stats = all_reduce(torch.tensor([sum(rewards_all), len(rewards_all), sum(lengths)], dtype=torch.float64,
                                          device=device))
-        mean_reward = float(stats[0] / stats[1])
+        mean_reward = loop["mean_reward"] = float(stats[0] / stats[1])
         mean_len = float(stats[2] / stats[1])
         dt = time.time() - t0
         print0(f"step {step + 1:05d}/{num_steps} | reward {mean_reward:.4f} | seq len {mean_len:.1f} | "
                f"trained tokens {trained} | lrm {lrm:.3f} | dt {dt:.2f}s | rollouts/s {float(stats[1]) / dt:.2f}")
-        row = {"step": step + 1, "reward": mean_reward, "sequence_length": mean_len, "lrm": lrm, "dt": dt,
+        # "step" as in every stage's metrics: the updates done before this one (rollouts are sampled before it)
+        row = {"step": step, "reward": mean_reward, "sequence_length": mean_len, "lrm": lrm, "dt": dt,
                "rollouts_per_s": float(stats[1]) / dt}
         wandb_run.log(row)
         if master:
@@ -209,11 +225,8 @@ def main(argv=None):
 
     if master:
         report.log_section("chat-rl", {"config": vars(args), "model_tag": tag, "iterations": num_steps,
-                                       "world_size": rt.world_size, "final_mean_reward": mean_reward, **passk})
+                                       "world_size": rt.world_size, "final_mean_reward": loop["mean_reward"],
+                                       **loop["pass_at_k"]})
     wandb_run.finish()
     compute_cleanup()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

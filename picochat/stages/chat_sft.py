@@ -33,12 +33,15 @@ import torch
 import torch.distributed as dist
 
 from picochat import checkpoint, report
-from picochat.common import (compute_init, fill_sized_defaults, compute_cleanup, print0, init_wandb, get_base_dir, logger,
+from picochat.common import (all_reduce, compute_init, fill_sized_defaults, compute_cleanup, print0, init_wandb, logger,
                              synchronize, max_memory_allocated, long_run_notice)
 from picochat.engine import Engine
 from picochat.loss_eval import evaluate_bpb
 from picochat.tasks import build_mixture, DEFAULT_SFT_MIXTURE, DEFAULT_VAL_MIXTURE
 from picochat.task_eval import ALL_TASKS, evaluate_tasks, chatcore
+from picochat.run_record import RunRecord
+from picochat.train_loop import (add_resume_flag, due, evaluating, fault_hook, gather_loader_states, optimizer_step,
+                                 rank_loader_state, resume_step, restore, set_schedule)
 
 # -----------------------------------------------------------------------------
 # Best-fit packing loader with exact resume
@@ -126,11 +129,6 @@ class SFTLoader:
 # -----------------------------------------------------------------------------
 # One optimizer step's worth of gradients, NaN-safe
 
-def _all_reduce_sum(t):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
 def accumulate_gradients(model, micro_batches, world_size=1, scaler=None):
     """Backward of sum(CE over supervised tokens) / (supervised tokens in the whole step, all ranks).
     The optimizer averages grads over ranks, so the local loss is scaled by world_size.
@@ -138,7 +136,7 @@ def accumulate_gradients(model, micro_batches, world_size=1, scaler=None):
     With zero supervised tokens nothing is backpropagated and the caller must skip the optimizer step."""
     device = micro_batches[0][1].device
     counts = torch.stack([(y >= 0).sum() for _, y in micro_batches]).to(torch.long)
-    total = _all_reduce_sum(counts.sum().clone())
+    total = all_reduce(counts.sum().clone())
     n_total = int(total.item())
     empty = int((counts == 0).sum().item())
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -151,7 +149,7 @@ def accumulate_gradients(model, micro_batches, world_size=1, scaler=None):
         scaled = loss * (world_size / n_total)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().double()
-    loss_sum = _all_reduce_sum(loss_sum)
+    loss_sum = all_reduce(loss_sum)
     return float(loss_sum.item()) / n_total, n_total, empty
 
 # -----------------------------------------------------------------------------
@@ -170,14 +168,6 @@ def muon_momentum(step):
     return (1 - frac) * 0.85 + frac * 0.95
 
 # -----------------------------------------------------------------------------
-
-def _inherit(meta, key, fallback):
-    """Base-run value: top-level meta first (the resolved value), then user_config; -1/None = unset."""
-    for src in (meta, meta.get("user_config") or {}):
-        v = src.get(key)
-        if v is not None and v != -1:
-            return v
-    return fallback
 
 # (CUDA, CPU/MPS) defaults: the GPU recipe's evaluation sizes take hours on a CPU (40 x 524,288 val tokens alone
 # is ~20M tokens of forward passes), so CPU and MPS evaluate on small fixed subsets instead
@@ -223,7 +213,7 @@ def parse_args(argv):
                         f"{SIZED['chatcore_max_new_tokens'][1]} on CPU/MPS)")
     p.add_argument("--save-every", type=int, default=-1, help="-1 = only at the end")
     p.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
-    p.add_argument("--resume", type=str, default="", help="'auto' = last complete SFT checkpoint, or a step")
+    add_resume_flag(p)
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--compile", type=int, default=1, help="torch.compile the training model (CUDA only)")
     return p.parse_args(argv)
@@ -237,16 +227,17 @@ def main(argv=None):
     wandb_run = init_wandb("picochat-sft", args.run, vars(args), master)
 
     # --- model and inherited hyperparameters
-    base_dir = get_base_dir() / "checkpoints" / "base"
     model, tokenizer, base_meta = checkpoint.load_model("base", device, phase="train", model_tag=args.model_tag,
                                                         step=args.model_step)
     tag, base_step = base_meta["model_tag"], base_meta["step"]
-    T = args.max_seq_len or _inherit(base_meta, "max_seq_len", model.config.sequence_len)
-    B = args.device_batch_size or _inherit(base_meta, "device_batch_size", 32)
-    total_batch = args.total_batch_size or _inherit(base_meta, "total_batch_size", 524288)
-    emb_lr = args.embedding_lr if args.embedding_lr is not None else _inherit(base_meta, "embedding_lr", 0.3)
-    unemb_lr = args.unembedding_lr if args.unembedding_lr is not None else _inherit(base_meta, "unembedding_lr", 0.004)
-    mat_lr = args.matrix_lr if args.matrix_lr is not None else _inherit(base_meta, "matrix_lr", 0.02)
+    # the base run's sequence length, batch sizes and (raw, unscaled) LRs, unless given here
+    base_run = RunRecord.from_meta(base_meta, f"base checkpoint {tag} step {base_step}")
+    T = args.max_seq_len or base_run.max_seq_len
+    B = args.device_batch_size or base_run.device_batch_size
+    total_batch = args.total_batch_size or base_run.total_batch_size
+    emb_lr = args.embedding_lr if args.embedding_lr is not None else base_run.lrs["embedding"]
+    unemb_lr = args.unembedding_lr if args.unembedding_lr is not None else base_run.lrs["unembedding"]
+    mat_lr = args.matrix_lr if args.matrix_lr is not None else base_run.lrs["matrix"]
     if T > model.config.sequence_len:
         raise ValueError(f"--max-seq-len {T} exceeds the model's sequence_len {model.config.sequence_len}")
     world_tokens = B * T * rt.world_size
@@ -261,7 +252,8 @@ def main(argv=None):
     optimizer = model.setup_optimizer(unembedding_lr=unemb_lr, embedding_lr=emb_lr, matrix_lr=mat_lr, weight_decay=0.0)
     if args.load_optimizer and base_step is not None:
         try:
-            optimizer.load_shard_state_dict(checkpoint.load_optimizer_state(base_dir / tag, base_step, rt.rank))
+            optimizer.load_shard_state_dict(checkpoint.load_optimizer_state(
+                checkpoint.checkpoint_dir("base", tag), base_step, rt.rank))
             print0("loaded the base optimizer state")
         except (FileNotFoundError, ValueError) as e:
             logger.warning(f"could not load the base optimizer state ({e}); starting the optimizer fresh")
@@ -278,27 +270,16 @@ def main(argv=None):
 
     # --- resume
     out_dir = checkpoint.checkpoint_dir("sft", tag)
-    step, loader_state, loop = 0, None, {"min_val_bpb": None, "smooth_loss": 0.0, "ema_steps": 0, "train_time": 0.0,
-                                         "skipped_steps": 0, "empty_micro_batches": 0}
-    resume_step = None
-    if args.resume:
-        resume_step = checkpoint.find_last_step(out_dir) if args.resume == "auto" else int(args.resume)
-        if resume_step is None:
-            print0(f"--resume auto: no SFT checkpoint in {out_dir}, starting fresh")
-    if resume_step is not None:
-        state, meta = checkpoint.load_state(out_dir, resume_step, device)
-        checkpoint.check_resume_compat(meta, model.config.to_dict(), rt.world_size)
-        model.load_state_dict(state, strict=True)
-        if meta.get("has_optimizer", True):
-            optimizer.load_shard_state_dict(checkpoint.load_optimizer_state(out_dir, resume_step, rt.rank))
-        step = resume_step
-        loader_state = (meta.get("dataloader_state") or {}).get(f"rank{rt.rank}")
-        loop.update(meta.get("loop_state") or {})
-        if meta.get("rng_state"):
-            checkpoint.set_rng_state(meta["rng_state"])
-        if master:
-            checkpoint.truncate_metrics(out_dir, step)
-        print0(f"resumed from {out_dir} step {step}")
+    loop = {"min_val_bpb": None, "val_bpb": None, "chatcore": {}, "smooth_loss": 0.0, "ema_steps": 0,
+            "train_time": 0.0, "skipped_steps": 0, "empty_micro_batches": 0}
+    start_step = resume_step(args.resume, out_dir, master)
+    loader_state = None
+    if start_step is not None:
+        run = RunRecord.from_meta(restore(out_dir, start_step, model, optimizer, device, rt.world_size, rt.rank, master),
+                                  f"{out_dir} step {start_step}")
+        loader_state = rank_loader_state(run.loader, rt.rank, rt.world_size)
+        loop.update(run.loop)
+    step = start_step or 0
 
     loader = SFTLoader(train_ds, tokenizer, B, T, device, rt.rank, rt.world_size, state=loader_state)
     # rows have a fixed (B, T) shape, so one compiled graph serves every step; the uncompiled `model` is kept
@@ -319,31 +300,28 @@ def main(argv=None):
     def is_last(step_):
         last = (num_iterations > 0 and step_ >= num_iterations) or \
                (num_iterations <= 0 and loader.consumed >= len(train_ds))
-        flag = torch.tensor(int(last), device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(all_reduce(torch.tensor(int(last), device=device), dist.ReduceOp.MAX).item())
 
-    val_bpb, chatcore_results, eval_task_cache = None, {}, {}
+    eval_task_cache = {}
     last_step = is_last(step)
     while True:
         # --- evaluation (orig model, eval mode)
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-            model.eval()
-            val_loader = SFTLoader(val_ds, tokenizer, B, T, device, rt.rank, rt.world_size)
-            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
+        if due(step, args.eval_every, last_step, at_start=True):
+            with evaluating(model):
+                val_loader = SFTLoader(val_ds, tokenizer, B, T, device, rt.rank, rt.world_size)
+                val_bpb = loop["val_bpb"] = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
             loop["min_val_bpb"] = val_bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
             if master:
                 checkpoint.append_metrics(out_dir, {"step": step, "val_bpb": val_bpb})
-            model.train()
-        if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
-            model.eval()
-            chatcore_results = evaluate_tasks(
-                model, tokenizer, Engine(model, tokenizer), ALL_TASKS, batch_size=B, tasks=eval_task_cache,
-                max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0,
-                max_cat=None if args.chatcore_max_cat < 0 else args.chatcore_max_cat, max_gen=args.chatcore_max_sample)
+        if due(step, args.chatcore_every, last_step):
+            with evaluating(model):
+                chatcore_results = loop["chatcore"] = evaluate_tasks(
+                    model, tokenizer, Engine(model, tokenizer), ALL_TASKS, batch_size=B, tasks=eval_task_cache,
+                    max_new_tokens=args.chatcore_max_new_tokens, temperature=0.0,
+                    max_cat=None if args.chatcore_max_cat < 0 else args.chatcore_max_cat,
+                    max_gen=args.chatcore_max_sample)
             core = chatcore(chatcore_results)
             cat = sum((chatcore_results[t] - 0.25) / 0.75 for t in ("ARC-Easy", "ARC-Challenge", "MMLU")) / 3
             print0(f"step {step:05d} | ChatCORE {core:.4f} | ChatCORE_cat {cat:.4f}")
@@ -352,25 +330,20 @@ def main(argv=None):
             wandb_run.log(row)
             if master:
                 checkpoint.append_metrics(out_dir, row)
-            model.train()
         # --- checkpoint
-        if last_step or (args.save_every > 0 and step > 0 and step != resume_step and step % args.save_every == 0):
-            states = [None] * rt.world_size
-            if dist.is_available() and dist.is_initialized():
-                dist.all_gather_object(states, loader.state())
-            else:
-                states = [loader.state()]
-            meta = {"model_config": model.config.to_dict(), "user_config": vars(args),
-                    "compute_dtype": str(rt.dtype).removeprefix("torch."), "val_bpb": val_bpb,
-                    "max_seq_len": T, "device_batch_size": B, "total_batch_size": total_batch,
-                    "embedding_lr": emb_lr, "unembedding_lr": unemb_lr, "matrix_lr": mat_lr,
-                    "base_checkpoint": {"model_tag": tag, "step": base_step},
-                    "dataloader_state": {f"rank{r}": s for r, s in enumerate(states)},
-                    "loop_state": loop, "rng_state": checkpoint.get_rng_state(), "chatcore": chatcore_results}
-            checkpoint.save_checkpoint(out_dir, step, model, optimizer, meta, keep_last=args.keep_last)
+        if last_step or (step != start_step and due(step, args.save_every, False)):
+            run = RunRecord(stage="sft", model_tag=tag, compute_dtype=str(rt.dtype).removeprefix("torch."),
+                            max_seq_len=T, device_batch_size=B, total_batch_size=total_batch,
+                            lrs={"embedding": emb_lr, "unembedding": unemb_lr, "matrix": mat_lr},
+                            num_iterations=num_iterations, parent={"source": "base", "model_tag": tag, "step": base_step},
+                            user_config=vars(args), loop=loop, loader=gather_loader_states(loader.state()))
+            checkpoint.save_checkpoint(out_dir, step, model, optimizer,
+                                       {"model_config": model.config.to_dict(), "run": run.to_dict(),
+                                        "rng_state": checkpoint.get_rng_state()}, keep_last=args.keep_last)
             print0(f"saved checkpoint {out_dir} step {step}")
         if last_step:
             break
+        fault_hook(step)
 
         # --- one optimizer step
         synchronize(rt.device_type)
@@ -380,20 +353,9 @@ def main(argv=None):
         loop["empty_micro_batches"] += empty
         progress = progress_of(step)
         lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        mom = muon_momentum(step)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = mom
-        if n_tokens > 0 and scaler is not None:   # fp16: every rank must agree on skipping an inf step
-            scaler.unscale_(optimizer)
-            if rt.ddp:
-                for v in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
-                    dist.all_reduce(v, op=dist.ReduceOp.MAX)
-            scaler.step(optimizer)
-            scaler.update()
-        elif n_tokens > 0:
-            optimizer.step()
+        set_schedule(optimizer, lrm, momentum=muon_momentum(step))
+        if n_tokens > 0:
+            optimizer_step(optimizer, scaler)
         else:
             loop["skipped_steps"] += 1
             logger.warning(f"step {step}: no supervised tokens in the whole batch; optimizer step skipped")
@@ -417,7 +379,9 @@ def main(argv=None):
                    f"lrm {lrm:.3f} | sup tokens {n_tokens} | empty micro {loop['empty_micro_batches']} | "
                    f"skipped {loop['skipped_steps']} | epoch {loader.epoch} | dt {dt * 1000:.0f}ms | "
                    f"tok/s {total_batch / max(dt, 1e-9):,.0f}")
-            row = {"step": step, "train_loss": train_loss, "lrm": lrm, "supervised_tokens": n_tokens,
+            # "step" as in every stage's metrics: the updates done before this one (the loss is measured before it),
+            # so a resume from checkpoint s rewrites exactly the rows with step >= s
+            row = {"step": step - 1, "train_loss": train_loss, "lrm": lrm, "supervised_tokens": n_tokens,
                    "empty_micro_batches": loop["empty_micro_batches"], "skipped_steps": loop["skipped_steps"],
                    "truncated_conversations": loader.truncated, "dt": dt, "progress": progress_of(step)}
             wandb_run.log(row)
@@ -436,15 +400,11 @@ def main(argv=None):
         report.log_section("chat-sft", {"config": vars(args), "model_tag": tag, "base_model_tag": tag, "base_step": base_step,
                                         "iterations": step, "world_size": rt.world_size, "max_seq_len": T,
                                         "device_batch_size": B, "total_batch_size": total_batch,
-                                        "min_val_bpb": loop["min_val_bpb"], "final_val_bpb": val_bpb,
+                                        "min_val_bpb": loop["min_val_bpb"], "final_val_bpb": loop["val_bpb"],
                                         "skipped_steps": loop["skipped_steps"],
                                         "empty_micro_batches": loop["empty_micro_batches"],
                                         "truncated_conversations": loader.truncated,
-                                        "chatcore": chatcore_results, "training_time_s": loop["train_time"]})
+                                        "chatcore": loop["chatcore"], "training_time_s": loop["train_time"]})
     wandb_run.finish()
     compute_cleanup()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -57,7 +57,3 @@ def main(argv=None):
         return 1
     print(f"Done: {len(paths)} shards in {paths[0].parent if paths else args.data_dir}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

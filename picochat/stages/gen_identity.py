@@ -340,6 +340,3 @@ def main(argv=None):
     write_jsonl(out, convs, append=args.append)
     print(f"wrote {len(convs)} conversations to {out}")
     return 0
-
-if __name__ == "__main__":
-    raise SystemExit(main())

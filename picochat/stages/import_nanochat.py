@@ -27,6 +27,7 @@ import torch
 
 from picochat.common import get_base_dir, print0
 from picochat.checkpoint import checkpoint_dir, save_checkpoint
+from picochat.run_record import RunRecord
 from picochat.gpt import GPT, GPTConfig, build_model
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -138,11 +139,16 @@ def import_checkpoint(ckpt_dir, step=None, tokenizer_dir=None, allow_pickle=Fals
     if not (tok_home / "tokenizer.json").exists():
         tokenizer.save(tok_home)
     user_config = meta.get("user_config", {})
-    save_checkpoint(out_dir, step, model, None, {
-        "model_config": config.to_dict(), "user_config": user_config,
-        "imported_from": {"nanochat_dir": str(ckpt_dir), "step": step},
-        "val_bpb": meta.get("val_bpb"), "compute_dtype": "float32",
-    })
+    def given(key, fallback):  # nanochat's flag value, or its default when the meta does not say (-1 = auto)
+        value = user_config.get(key)
+        return fallback if value in (None, -1) else value
+    run = RunRecord(stage=stage, model_tag=model_tag, compute_dtype="float32", max_seq_len=config.sequence_len,
+                    device_batch_size=given("device_batch_size", 32), total_batch_size=given("total_batch_size", 524288),
+                    lrs={"embedding": given("embedding_lr", 0.3), "unembedding": given("unembedding_lr", 0.004),
+                         "matrix": given("matrix_lr", 0.02), "scalar": given("scalar_lr", 0.5)},
+                    num_iterations=step, parent={"source": "nanochat", "model_tag": str(ckpt_dir), "step": step},
+                    user_config=user_config, loop={"val_bpb": meta.get("val_bpb")})
+    save_checkpoint(out_dir, step, model, None, {"model_config": config.to_dict(), "run": run.to_dict()})
     return out_dir
 
 

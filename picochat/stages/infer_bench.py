@@ -15,7 +15,6 @@ Stop tokens and the tool state machine are disabled here, so every run decodes e
 number of tokens. The last stdout line is one JSON document.
 """
 import os
-import sys
 import json
 import time
 import argparse
@@ -228,6 +227,3 @@ def main(argv=None):
         temperature=args.temperature, prefill=prefill, sweep=sweep)
     print0(json.dumps(result))
     return 0
-
-if __name__ == "__main__":
-    sys.exit(main())

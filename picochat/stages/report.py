@@ -6,7 +6,6 @@ Render the run's report card (report/report.md + plots), or reset it at the star
 
 What each stage logs and what the summary table reads: picochat/report.py.
 """
-import sys
 import argparse
 
 from picochat.common import get_dist_info
@@ -28,6 +27,3 @@ def main(argv=None):
         path = generate(copy_to_cwd=not args.no_copy)
         print(f"report written to {path}" + ("" if args.no_copy else " (and ./report.md)"))
     return 0
-
-if __name__ == "__main__":
-    sys.exit(main())

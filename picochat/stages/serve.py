@@ -491,6 +491,3 @@ def main(argv=None):
     print(f"picochat serve: {model_name} on {len(workers)} worker(s) -> http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,6 @@ compared with GPT-2 and GPT-4 (cl100k_base) when tiktoken has them cached locall
 Relative difference = (baseline_tokens - ours_tokens) / baseline_tokens: positive means we use fewer tokens.
 """
 import os
-import sys
 import hashlib
 import argparse
 import tempfile
@@ -187,7 +186,3 @@ def main(argv=None):
             "unavailable_baselines": unavailable,
         })
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

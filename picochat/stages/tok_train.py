@@ -147,7 +147,3 @@ def main(argv=None):
             "output_dir": str(out_dir),
         })
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,10 +28,7 @@ class ARC(RowsTask):
         self.subset, self.split = subset, split
         self.set_rows(load_rows(f"arc/{subset}/{split}.jsonl", ("allenai/ai2_arc", subset, split)))
 
-    @property
-    def eval_type(self):
-        return "categorical"
-
+    eval_type = "categorical"
 
     def get_example(self, index):
         return arc_conversation(self.row(index))

@@ -41,10 +41,7 @@ class Task:
         assert step >= 1, f"step must be >= 1, got {step}"
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self):
-        """'generative' or 'categorical' (tasks used only for training need not say)."""
-        raise NotImplementedError
+    eval_type = None  # 'generative' or 'categorical' (tasks used only for training need not say)
 
     def num_examples(self) -> int:
         raise NotImplementedError
@@ -54,6 +51,10 @@ class Task:
 
     def evaluate(self, conversation: dict, response: str):
         raise NotImplementedError
+
+    def reward(self, conversation: dict, response: str) -> float:
+        """RL reward: 1.0 for a correct response, else 0.0."""
+        return float(self.evaluate(conversation, response))
 
     def __len__(self):
         stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())

@@ -38,6 +38,14 @@ def answer_to_parts(answer: str) -> list:
     return parts
 
 
+def final_answer_matches(conversation, response: str) -> int:
+    """1 when the response's '#### answer' equals the reference reply's (its last text part), else 0."""
+    last = conversation["messages"][-1]["content"]
+    ref = extract_answer(last[-1]["text"] if isinstance(last, list) else last)
+    pred = extract_answer(response)
+    return int(pred is not None and pred == ref)
+
+
 def gsm8k_conversation(row: dict) -> dict:
     return {"messages": [
         {"role": "user", "content": row["question"]},
@@ -54,20 +62,10 @@ class GSM8K(RowsTask):
         rel = f"gsm8k/{split}.jsonl" if subset == "main" else f"gsm8k/socratic_{split}.jsonl"
         self.set_rows(load_rows(rel, ("openai/gsm8k", subset, split)))
 
-    @property
-    def eval_type(self):
-        return "generative"
-
+    eval_type = "generative"
 
     def get_example(self, index):
         return gsm8k_conversation(self.row(index))
 
     def evaluate(self, conversation, response: str) -> int:
-        last = conversation["messages"][-1]["content"]
-        ref_text = last[-1]["text"] if isinstance(last, list) else last
-        ref = extract_answer(ref_text)
-        pred = extract_answer(response)
-        return int(pred is not None and pred == ref)
-
-    def reward(self, conversation, response: str) -> float:
-        return float(self.evaluate(conversation, response))
+        return final_answer_matches(conversation, response)

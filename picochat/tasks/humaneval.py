@@ -35,10 +35,7 @@ class HumanEval(RowsTask):
         super().__init__(**kwargs)
         self.set_rows(load_rows("humaneval/HumanEval.jsonl.gz", ("openai/openai_humaneval", "openai_humaneval", "test")))
 
-    @property
-    def eval_type(self):
-        return "generative"
-
+    eval_type = "generative"
 
     def get_example(self, index):
         row = self.row(index)

@@ -49,10 +49,7 @@ class MMLU(RowsTask):
             rows = [r["train"] for r in rows]   # old hub layout wrapped aux rows in a `train` field
         self.set_rows(rows)
 
-    @property
-    def eval_type(self):
-        return "categorical"
-
+    eval_type = "categorical"
 
     def get_example(self, index):
         return mmlu_conversation(self.row(index))

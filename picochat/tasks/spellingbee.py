@@ -14,7 +14,7 @@ import random
 
 from picochat import fetch
 from picochat.tasks.common import Task, task_data_dir
-from picochat.tasks.gsm8k import extract_answer
+from picochat.tasks.gsm8k import final_answer_matches
 
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -93,24 +93,27 @@ def spelling_solution(word: str, letter: str) -> list:
     ]
 
 
-class SpellingBee(Task):
+class _SyntheticWordTask(Task):
+    """`size` examples, example i generated from its own seed (train: i, test: TEST_SEED_OFFSET + i)."""
+    eval_type = "generative"
 
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
-        assert split in ("train", "test"), f"SpellingBee split must be train|test, got {split!r}"
+        assert split in ("train", "test"), f"{type(self).__name__} split must be train|test, got {split!r}"
         self.size, self.split = size, split
         self.words = load_words()
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return self.size
 
+    def rng(self, index) -> random.Random:
+        return random.Random(index if self.split == "train" else TEST_SEED_OFFSET + index)
+
+
+class SpellingBee(_SyntheticWordTask):
+
     def get_example(self, index):
-        seed = index if self.split == "train" else TEST_SEED_OFFSET + index
-        rng = random.Random(seed)
+        rng = self.rng(index)
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)
         template = rng.choice(TEMPLATES)
@@ -126,33 +129,17 @@ class SpellingBee(Task):
         ], "word": word, "letter": letter}
 
     def evaluate(self, conversation, response: str) -> int:
-        ref = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
-        pred = extract_answer(response)
-        return int(pred is not None and pred == ref)
-
-    def reward(self, conversation, response: str) -> float:
-        return float(self.evaluate(conversation, response))
+        return final_answer_matches(conversation, response)
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(_SyntheticWordTask):
 
     def __init__(self, size=1000, split="train", **kwargs):
-        super().__init__(**kwargs)
-        assert split in ("train", "test"), f"SimpleSpelling split must be train|test, got {split!r}"
-        self.size, self.split = size, split
-        self.words = load_words()
+        super().__init__(size, split, **kwargs)
         random.Random(42).shuffle(self.words)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        seed = index if self.split == "train" else TEST_SEED_OFFSET + index
-        word = random.Random(seed).choice(self.words)
+        word = self.rng(index).choice(self.words)
         return {"messages": [
             {"role": "user", "content": f"Spell the word: {word}"},
             {"role": "assistant", "content": f"{word}:{','.join(word)}"},
