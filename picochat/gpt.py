@@ -106,11 +106,14 @@ def has_ve(layer_idx: int, n_layer: int) -> bool:
 # -----------------------------------------------------------------------------
 # Building blocks
 
+def eager_cpu(x) -> bool:
+    """Whether the hand-written CPU kernels apply: on CPU in eager mode. Compiled code (any device) keeps the plain
+    ops for inductor to fuse, so a CPU compile runs exactly the graph a CUDA compile does."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
 def norm(x):
     """Parameter-free RMSNorm over the last dim (default eps)."""
-    if x.device.type == "cpu":
-        return cpu_kernels.rms_norm(x)
-    return F.rms_norm(x, (x.size(-1),))
+    return cpu_kernels.rms_norm(x) if eager_cpu(x) else F.rms_norm(x, (x.size(-1),))
 
 class Linear(nn.Linear):
     """Bias-free Linear with an fp32 master weight cast to the activation dtype (explicit precision)."""
@@ -177,7 +180,7 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.reshape(B, T, H * D))
 
 def relu_squared(x):
-    return cpu_kernels.relu_squared(x) if x.device.type == "cpu" else F.relu(x).square()
+    return cpu_kernels.relu_squared(x) if eager_cpu(x) else F.relu(x).square()
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -397,7 +400,7 @@ class GPT(nn.Module):
         if reduction not in ("mean", "sum", "none") or (reduction == "none" and torch.is_grad_enabled()):
             return False  # bad values get the plain path's error; per-token losses with grad (RL) too
         if self.fused_loss is None:
-            return x.device.type == "cpu"
+            return eager_cpu(x)
         return self.fused_loss
 
     # -- optimizer -------------------------------------------------------------

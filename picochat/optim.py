@@ -32,9 +32,10 @@ passes the model's compute dtype). With compute_dtype=None the cast happens only
 
 Hyperparameters (lr, betas, eps, weight_decay, momentum, beta2) are read from the group dicts at every
 step, so schedules just assign group["lr"] etc. They are configuration, not state: shard_state_dict() does
-not save them. The fused updates are torch.compile'd on CUDA only (hyperparameters passed as 0-D CPU tensors
-so schedule changes do not recompile); on CPU they run eagerly so the first step is instant, and fp32 AdamW
-params use torch's fused CPU AdamW kernel (same formula, one pass, ~20x faster than eager ops).
+not save them. The fused updates are torch.compile'd on CUDA (hyperparameters passed as 0-D CPU tensors so
+schedule changes do not recompile; compile_updates=True does the same on CPU, which the tests use); on CPU they
+run eagerly by default so the first step is instant, and fp32 AdamW params use torch's fused CPU AdamW kernel
+(same formula, one pass, ~20x faster than eager ops).
 Missing grads (p.grad None) count as zero so every rank runs the same collectives.
 
 Collectives: ReduceOp.AVG all-reduce / reduce-scatter and all_gather_into_tensor, native in NCCL and in gloo
@@ -147,9 +148,9 @@ def muon_update(g, p, momentum_buffer, second_momentum_buffer, momentum, lr, wd,
 
 _compiled = {}
 
-def _fused(fn, device):
-    """torch.compile only on CUDA; CPU stays eager (first-step latency matters there)."""
-    if device.type != "cuda":
+def _fused(fn, compiled):
+    """fn, torch.compile'd when `compiled` (one compiled graph per function: hyperparameters are 0-D tensors)."""
+    if not compiled:
         return fn
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
@@ -201,12 +202,13 @@ def _dist_world_rank():
 class MuonAdamW(torch.optim.Optimizer):
     """AdamW + Muon over explicit param groups (see the module docstring for the group dict format)."""
 
-    def __init__(self, param_groups, compute_dtype=None):
+    def __init__(self, param_groups, compute_dtype=None, compile_updates=None):
         groups = self._validate_groups(param_groups)
         super().__init__(groups, defaults={})
         for group in self.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.compute_dtype = compute_dtype
+        self.compile_updates = compile_updates  # None = on CUDA only (see _compiling)
         self._layout = None  # (world, rank), fixed when the state is created
 
     @staticmethod
@@ -307,9 +309,14 @@ class MuonAdamW(torch.optim.Optimizer):
         # A missing grad counts as zero so that every rank always runs the same collectives in the same order.
         return p.grad if p.grad is not None else torch.zeros_like(p)
 
+    def _compiling(self, device) -> bool:
+        """Whether the fused updates run compiled: compile_updates, or by default on CUDA only (on CPU the first
+        step's compile costs more than it saves)."""
+        return device.type == "cuda" if self.compile_updates is None else self.compile_updates
+
     def _hyper(self, value, device):
-        """Python float for eager CPU; 0-D CPU fp32 tensor for compiled CUDA (no recompile on change)."""
-        return torch.tensor(float(value), dtype=torch.float32) if device.type == "cuda" else float(value)
+        """Python float when eager; 0-D CPU fp32 tensor when compiled (a changed value does not recompile)."""
+        return torch.tensor(float(value), dtype=torch.float32) if self._compiling(device) else float(value)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -372,13 +379,13 @@ class MuonAdamW(torch.optim.Optimizer):
             sharded = self._adamw_sharded(p, world)
             n = p.size(0) // world if sharded else p.size(0)
             p_part = p[rank * n:(rank + 1) * n] if sharded else p
-            if _cpu_fused_adamw_ok(p_part, g):
+            if _cpu_fused_adamw_ok(p_part, g) and not self._compiling(dev):
                 torch._fused_adamw_([p_part], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [],
                                     [torch.tensor(float(t))], lr=float(group["lr"]), beta1=float(beta1),
                                     beta2=float(beta2), weight_decay=float(group["weight_decay"]),
                                     eps=float(group["eps"]), amsgrad=False, maximize=False)
             else:
-                _fused(adamw_update, dev)(p_part, g, state["exp_avg"], state["exp_avg_sq"], h(group["lr"]),
+                _fused(adamw_update, self._compiling(dev))(p_part, g, state["exp_avg"], state["exp_avg_sq"], h(group["lr"]),
                                           h(group["weight_decay"]), h(beta1), h(beta2), h(group["eps"]),
                                           h(group["lr"] / (1 - beta1 ** t)), h(math.sqrt(1 - beta2 ** t)))
             if sharded:
@@ -403,7 +410,7 @@ class MuonAdamW(torch.optim.Optimizer):
         dev = p0.device
         h = lambda v: self._hyper(v, dev)
         lr_eff = group["lr"] * math.sqrt(max(1.0, rows / cols))
-        _fused(muon_update, dev)(g_chunk, p_chunk, state["momentum_buffer"], state["second_momentum_buffer"],
+        _fused(muon_update, self._compiling(dev))(g_chunk, p_chunk, state["momentum_buffer"], state["second_momentum_buffer"],
                                  h(group["momentum"]), h(lr_eff), h(group["weight_decay"]), h(group["beta2"]),
                                  group["ns_steps"], cast_bf16)
         # gather every rank's updated chunk into the stacked-grad buffer (reused as output), then copy back

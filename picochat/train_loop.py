@@ -113,6 +113,15 @@ def rank_loader_state(saved, rank, world_size):
                          f"{world_size}: exact resume needs the same world size (the optimizer shards do too)")
     return saved["ranks"][rank]
 
+def check_same_on_all_ranks(digest: str, what: str, device):
+    """Fail on every rank when the ranks disagree on a hex digest (say the tokenizer's: nodes that each trained or
+    downloaded their own would otherwise train one model on different token ids)."""
+    value = int(digest[:15], 16)
+    t = all_reduce(torch.tensor([value, -value], dtype=torch.int64, device=device), dist.ReduceOp.MAX)
+    if int(t[0]) != value or -int(t[1]) != value:
+        raise ValueError(f"the ranks have different {what}s (this one: {digest[:12]}): give every node the same "
+                         f"{what} (a shared PICOCHAT_HOME, or copy node 0's)")
+
 # -----------------------------------------------------------------------------
 # Cadence, evaluation, schedule, step
 

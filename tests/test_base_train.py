@@ -255,3 +255,32 @@ def test_time_budget_run_with_split_docs(tiny_home):
     assert [r[0] for r in _metrics(tiny_home, "budget")][-1] == horizon
     p = subprocess.run(cmd, env=_env(tiny_home), capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0 and "nothing to do" in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+def _launch(home, tag, launcher_flags):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_flags, "-m", "picochat", "base-train", *TRAIN,
+           "--data-dir", str(home / "shards"), "--model-tag", tag]
+    return subprocess.Popen(cmd, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_equal_one_node(tiny_home):
+    """The multi-node path on every CI run: two torchrun launchers (--nnodes=2, one process each, gloo, rendezvous
+    on 127.0.0.1) train exactly what one launcher with two processes trains: the same ranks see the same rows
+    (each rank reads its own share of the row groups, so a 1-process run at the same global batch reads other
+    rows and is not the reference here), and the per-step losses and val bpb are bitwise equal."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one = _launch(tiny_home, "one", ["--standalone", "--nproc_per_node=2"])
+    out_one = one.communicate()[0]
+    assert one.returncode == 0, out_one
+    nodes = [_launch(tiny_home, "two", ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={r}",
+                                        "--master_addr=127.0.0.1", f"--master_port={port}"]) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), "\n".join(outs)
+    assert "2 process(es)" in outs[0], outs[0]
+    a, b = _metrics(tiny_home, "one"), _metrics(tiny_home, "two")
+    assert [r[0] for r in a] == list(range(9)) and a == b, f"{a}\n{b}"
+    assert json.loads((tiny_home / "checkpoints" / "base" / "two" / "meta_000008.json").read_text())["world_size"] == 2

@@ -43,8 +43,9 @@ from picochat.tokenizer import get_tokenizer, get_token_bytes
 from picochat.dataloader import pretrain_batches
 from picochat.loss_eval import evaluate_bpb
 from picochat.run_record import RunRecord
-from picochat.train_loop import (BUDGET_PROBE_STEPS, Horizon, add_resume_flag, due, evaluating, fault_hook, gather_loader_states,
-                                 optimizer_step, rank_loader_state, resume_step, restore, set_schedule)
+from picochat.train_loop import (BUDGET_PROBE_STEPS, Horizon, add_resume_flag, check_same_on_all_ranks, due,
+                                 evaluating, fault_hook, gather_loader_states, optimizer_step, rank_loader_state,
+                                 resume_step, restore, set_schedule)
 
 B_REF = 2 ** 19          # reference total batch size (tokens) at the d12 reference
 REF_DEPTH = 12           # all hyperparameter transfer is relative to d12
@@ -242,6 +243,7 @@ def main(argv=None):
               "random direction (their gradient is pure rounding noise at init). Use at least a few warmup steps.")
 
     tokenizer = get_tokenizer()
+    check_same_on_all_ranks(tokenizer.fingerprint(), "tokenizer", device)
     token_bytes = get_token_bytes(device)
     vocab_size = tokenizer.get_vocab_size()
     config = config_from_depth(args.depth, vocab_size, args.aspect_ratio, args.head_dim, args.max_seq_len,

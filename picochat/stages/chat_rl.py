@@ -1,5 +1,5 @@
 """
-Reinforcement learning on GSM8K: the reference's simplified GRPO, which is effectively REINFORCE (11.4).
+Reinforcement learning on GSM8K: a simplified GRPO (the reference's), which is effectively REINFORCE.
 
 Per question: N completions sampled with the Engine (calculator tool active, as at inference time),
 reward = exact match of the '####' answer, advantage = r - mean(r) (no std division), loss =
