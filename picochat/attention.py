@@ -9,7 +9,8 @@ everywhere else. Two entry points, both taking the (B, T, H, D) layout the model
 `window` is the number of PREVIOUS keys a query may see (the query itself is always seen), i.e. FA3's
 window_size=(window, 0). window >= the number of keys means plain causal attention.
 
-Backend choice: FA3 when it is loadable (CUDA, `kernels` installed, the hub kernel downloads) and the tensors
+Backend choice: FA3 when it is loadable (CUDA; a locally installed `flash_attn_interface`, else the `kernels` hub
+kernel, which downloads) and the tensors
 are bf16 (FA3 is bf16/fp16 only; picochat uses it for bf16). Override with env PICOCHAT_ATTN=sdpa|fa3 or by
 setting `attention.OVERRIDE = "sdpa" | "fa3" | None` (tests do that).
 
@@ -60,10 +61,15 @@ def _load_fa3_uncached():
     else:
         _FA3_ERROR = f"compute capability {major}.x has no FA3 build (Hopper/Ampere only)"
         return None
+    try:  # a locally built/installed FA3 (flash-attention's hopper/ package) needs no download
+        import flash_attn_interface  # optional: present only where FA3 was installed
+        return flash_attn_interface
+    except ImportError:
+        pass
     try:
         from kernels import get_kernel  # optional (the [gpu] extra): FA3 from the kernel hub
     except ImportError:
-        _FA3_ERROR = "the `kernels` package is not installed (pip install -e '.[gpu]')"
+        _FA3_ERROR = "neither a local FA3 (flash_attn_interface) nor the `kernels` package is installed (pip install -e '.[gpu]')"
         return None
     try:
         mod = get_kernel(repo)

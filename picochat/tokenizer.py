@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import tiktoken
-import rustbpe
 from safetensors.torch import load_file, save_file
 
 from picochat.common import get_base_dir, atomic_path, atomic_write_text, logger
@@ -75,6 +74,7 @@ class Tokenizer:
             raise ValueError(f"vocab_size={vocab_size!r} is too small: it must be an int >= {MIN_VOCAB} "
                              f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
         requested = vocab_size - len(SPECIAL_TOKENS)
+        import rustbpe  # heavy, compiled, and needed only to train: a GPU box that loads a tokenizer may lack it
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(texts, requested, buffer_size=buffer_size, pattern=SPLIT_PATTERN)
         pairs = sorted(trainer.get_mergeable_ranks(), key=lambda p: p[1])

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -38,3 +40,20 @@ def test_bench_decode_vs_nanochat_runs_picochat_side(tmp_path, capsys):
                                                 "--rounds", "1"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and result["same_tokens"] is True and result["medians"]["picochat"]["decode"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_pipeline_at_toy_size_on_cpu(tmp_path):
+    """The GPU check can't rot between GPU sessions: --prepare, then the whole pipeline (train, infer-bench, SFT,
+    chat-eval) at toy size on CPU, with its summary."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (shared / "pretrain").is_dir():
+        pytest.skip(f"needs the real data in {shared} (pretrain/, gsm8k/, words/) to prepare from")
+    gpu_check = load("gpu_check")
+    assert gpu_check.main(["--prepare", str(tmp_path / "data"), "--source", str(shared), "--vocab-size", "512",
+                           "--max-chars", "200000"]) == 0
+    rc = gpu_check.main(["--data", str(tmp_path / "data"), "--smoke", "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert rc == 0 and summary["ok"], summary
+    assert set(summary["steps"]) == {"train_bf16", "infer", "sft", "eval"}
+    assert summary["train_bf16"]["tok_per_sec"] > 0 and summary["infer"]

@@ -12,7 +12,7 @@ Examples:
     picochat chat-rl
     picochat chat-rl --num-iterations 100 --examples-per-step 8 --num-samples 8
     picochat chat-rl --device-type cpu --num-iterations 2 --examples-per-step 1 --num-samples 4 \
-        --device-batch-size 2 --max-new-tokens 32 --eval-every -1
+        --device-batch-size 2 --max-new-tokens 32 --eval-every 0
     torchrun --nproc_per_node=8 -m picochat chat-rl
 """
 import time
@@ -112,7 +112,7 @@ def parse_args(argv):
                    "end; 0 = never")
     p.add_argument("--eval-examples", type=int, default=400)
     p.add_argument("--eval-samples", type=int, default=8, help="samples per eval problem (pass@1..k)")
-    p.add_argument("--save-every", type=int, default=60, help="-1 = only at the end")
+    p.add_argument("--save-every", type=int, default=60, help="checkpoints: every N steps; the final one is always saved")
     add_resume_flag(p)
     return p.parse_args(argv)
 

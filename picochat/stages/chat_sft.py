@@ -22,7 +22,7 @@ Examples:
     picochat chat-sft
     picochat chat-sft --mixture "smoltalk,mmlu:3,gsm8k:4" --num-iterations 500 --eval-every 100
     picochat chat-sft --device-type cpu --device-batch-size 2 --max-seq-len 256 --total-batch-size 1024 \
-        --num-iterations 20 --mixture "gsm8k@200,identity" --chatcore-every -1
+        --num-iterations 20 --mixture "gsm8k@200,identity" --chatcore-every 0
     torchrun --nproc_per_node=8 -m picochat chat-sft --resume auto
 """
 import gc
@@ -198,10 +198,10 @@ def parse_args(argv):
     p.add_argument("--warmup-ratio", type=float, default=0.0)
     p.add_argument("--warmdown-ratio", type=float, default=0.5)
     p.add_argument("--final-lr-frac", type=float, default=0.0)
-    p.add_argument("--eval-every", type=int, default=200, help="val bpb interval (-1 = off)")
+    p.add_argument("--eval-every", type=int, default=200, help="val bpb (also before step 0): every N steps and at the end; -1 = only at the end; 0 = never")
     p.add_argument("--eval-tokens", type=int, default=None,
                    help=f"val tokens per eval (default: {SIZED['eval_tokens'][0]:,} on CUDA, {SIZED['eval_tokens'][1]:,} on CPU/MPS)")
-    p.add_argument("--chatcore-every", type=int, default=200, help="-1 = off")
+    p.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE: every N steps and at the end; -1 = only at the end; 0 = never")
     p.add_argument("--chatcore-max-cat", type=int, default=None,
                    help="categorical problems per task, -1 = all (default: all on CUDA, "
                         f"{SIZED['chatcore_max_cat'][1]} on CPU/MPS)")
@@ -211,7 +211,7 @@ def parse_args(argv):
     p.add_argument("--chatcore-max-new-tokens", type=int, default=None,
                    help=f"tokens per generative answer (default: {SIZED['chatcore_max_new_tokens'][0]} on CUDA, "
                         f"{SIZED['chatcore_max_new_tokens'][1]} on CPU/MPS)")
-    p.add_argument("--save-every", type=int, default=-1, help="-1 = only at the end")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoints: every N steps; the final one is always saved")
     p.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
     add_resume_flag(p)
     p.add_argument("--log-every", type=int, default=1)
@@ -287,7 +287,7 @@ def main(argv=None):
     train_model = torch.compile(model, dynamic=False) if (args.compile and rt.device_type == "cuda") else model
     scaler = torch.amp.GradScaler(rt.device_type) if rt.dtype == torch.float16 else None
     token_bytes = None
-    if args.eval_every > 0:
+    if args.eval_every != 0:
         token_bytes = tokenizer.token_bytes().to(device)  # the checkpoint's own tokenizer
     eval_steps = max(1, args.eval_tokens // (B * T * rt.world_size))
     num_iterations = args.num_iterations
