@@ -52,6 +52,11 @@ def main(argv=None):
     module = importlib.import_module(STAGES[stage][0])
     try:
         return module.main(rest) or 0
+    except RuntimeError as e:
+        if not hasattr(e, "exit_code"):  # a failure the stage did not foresee: the traceback is the report
+            raise
+        print(f"picochat {stage}: error: {e}", file=sys.stderr)  # a foreseen failure (a NaN loss): one line
+        return e.exit_code
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         # a user's mistake (a bad flag value, a missing file, tag or step): the stages raise these with a
         # message that names the problem and the fix, which is all the user needs to see

@@ -177,6 +177,26 @@ def optimizer_step(optimizer, scaler=None):
     scaler.update()
     return True
 
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss and stopped before saving anything from it."""
+    exit_code = 3  # `picochat` prints the message as one line and exits with this (2 is for usage mistakes)
+
+
+def add_nonfinite_flag(parser):
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="drop an optimizer step whose loss is NaN/inf and go on (default: stop the run)")
+
+
+def loss_is_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (one rank's NaN must stop or skip them all). Syncs."""
+    return bool(all_reduce(torch.isfinite(loss.detach()).float(), dist.ReduceOp.MIN).item())
+
+
+def nonfinite_stop(step, ckpt_dir) -> NonFiniteLoss:
+    return NonFiniteLoss(f"step {step}: the training loss is NaN or inf, so the run stopped without saving it; the "
+                         f"checkpoints in {ckpt_dir} are the last good ones. Lower the learning rates (or raise the "
+                         "warmup) and continue with --resume auto, or pass --skip-nonfinite to drop such steps")
+
 # -----------------------------------------------------------------------------
 # Fault injection (the kill-and-resume tests)
 

@@ -284,3 +284,23 @@ def test_two_nodes_on_loopback_equal_one_node(tiny_home):
     a, b = _metrics(tiny_home, "one"), _metrics(tiny_home, "two")
     assert [r[0] for r in a] == list(range(9)) and a == b, f"{a}\n{b}"
     assert json.loads((tiny_home / "checkpoints" / "base" / "two" / "meta_000008.json").read_text())["world_size"] == 2
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_good_checkpoints(tiny_home):
+    """An absurd LR blows the weights up within a few steps: the run stops with exit code 3 and one line naming
+    the step and the fix, the checkpoint on disk is the last good one, and --skip-nonfinite drops such steps."""
+    out, rc = _train(tiny_home, "nan", "--matrix-lr", "1e30", "--embedding-lr", "1e30", "--warmup-steps", "1")
+    assert rc == 3, out
+    line = [l for l in out.splitlines() if "NaN or inf" in l]
+    assert line and "--resume auto" in line[0] and "--skip-nonfinite" in line[0] and "Traceback" not in out, out
+    ckdir = tiny_home / "checkpoints" / "base" / "nan"
+    from picochat import checkpoint as ckpt
+    good = ckpt.find_last_step(ckdir)
+    if good is not None:  # whatever was saved holds finite weights
+        state, _ = ckpt.load_state(ckdir, good, "cpu")
+        assert all(torch.isfinite(v).all() for v in state.values())
+    rows = _metrics(tiny_home, "nan")
+    assert all(r[1] is None or math.isfinite(r[1]) for r in rows), rows  # no NaN row was logged
+    out, rc = _train(tiny_home, "skip", "--matrix-lr", "1e30", "--embedding-lr", "1e30", "--warmup-steps", "1",
+                     "--skip-nonfinite")
+    assert rc == 0 and "optimizer step dropped (--skip-nonfinite" in out, out

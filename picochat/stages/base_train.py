@@ -43,9 +43,10 @@ from picochat.tokenizer import get_tokenizer, get_token_bytes
 from picochat.dataloader import pretrain_batches
 from picochat.loss_eval import evaluate_bpb
 from picochat.run_record import RunRecord
-from picochat.train_loop import (BUDGET_PROBE_STEPS, Horizon, add_resume_flag, check_same_on_all_ranks, due,
-                                 evaluating, fault_hook, gather_loader_states, optimizer_step, rank_loader_state,
-                                 resume_step, restore, set_schedule)
+from picochat.train_loop import (BUDGET_PROBE_STEPS, Horizon, add_nonfinite_flag, add_resume_flag,
+                                 check_same_on_all_ranks, due, evaluating, fault_hook, gather_loader_states,
+                                 loss_is_finite, nonfinite_stop, optimizer_step, rank_loader_state, resume_step,
+                                 restore, set_schedule)
 
 B_REF = 2 ** 19          # reference total batch size (tokens) at the d12 reference
 REF_DEPTH = 12           # all hyperparameter transfer is relative to d12
@@ -104,6 +105,7 @@ def build_parser():
            "(the reference crops). Use at short --max-seq-len (the CPU demo), where cropping would discard most "
            "of each document. Validation keeps the reference's packing, so val bpb stays comparable")
     add_resume_flag(p)
+    add_nonfinite_flag(p)
     return p
 
 # -----------------------------------------------------------------------------
@@ -411,9 +413,15 @@ def main(argv=None):
         lrm = lr_multiplier(step, n_sched, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
         set_schedule(optimizer, lrm, momentum=muon_momentum(step, n_sched, args.warmdown_ratio),
                      muon_weight_decay=muon_weight_decay(step, n_sched, d["weight_decay"]))
-        optimizer_step(optimizer, scaler)
+        if args.skip_nonfinite and not loss_is_finite(loss_sum):  # checked before the step: one more sync
+            loop["skipped_steps"] = loop.get("skipped_steps", 0) + 1
+            warn0(f"step {step}: NaN/inf loss, optimizer step dropped (--skip-nonfinite; {loop['skipped_steps']} so far)")
+        else:
+            optimizer_step(optimizer, scaler)
         train_model.zero_grad(set_to_none=True)
         train_loss = (loss_sum / grad_accum).item()  # .item() syncs
+        if not args.skip_nonfinite and not loss_is_finite(loss_sum):
+            raise nonfinite_stop(step, ckpt_dir)  # the weights are spoiled, the checkpoints on disk are not
         synchronize(device_type)
         dt = time.time() - t0
 

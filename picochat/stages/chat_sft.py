@@ -26,6 +26,7 @@ Examples:
     torchrun --nproc_per_node=8 -m picochat chat-sft --resume auto
 """
 import gc
+import math
 import time
 import argparse
 
@@ -40,8 +41,9 @@ from picochat.loss_eval import evaluate_bpb
 from picochat.tasks import build_mixture, DEFAULT_SFT_MIXTURE, DEFAULT_VAL_MIXTURE
 from picochat.task_eval import ALL_TASKS, evaluate_tasks, chatcore
 from picochat.run_record import RunRecord
-from picochat.train_loop import (add_resume_flag, due, evaluating, fault_hook, gather_loader_states, optimizer_step,
-                                 rank_loader_state, resume_step, restore, set_schedule)
+from picochat.train_loop import (add_nonfinite_flag, add_resume_flag, due, evaluating, fault_hook,
+                                 gather_loader_states, nonfinite_stop, optimizer_step, rank_loader_state,
+                                 resume_step, restore, set_schedule)
 
 # -----------------------------------------------------------------------------
 # Best-fit packing loader with exact resume
@@ -214,6 +216,7 @@ def parse_args(argv):
     p.add_argument("--save-every", type=int, default=-1, help="checkpoints: every N steps; the final one is always saved")
     p.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
     add_resume_flag(p)
+    add_nonfinite_flag(p)
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--compile", type=int, default=1, help="torch.compile the training model (CUDA only)")
     return p.parse_args(argv)
@@ -354,7 +357,12 @@ def main(argv=None):
         progress = progress_of(step)
         lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         set_schedule(optimizer, lrm, momentum=muon_momentum(step))
-        if n_tokens > 0:
+        if n_tokens > 0 and not math.isfinite(train_loss):  # all-reduced: every rank sees the same value
+            if not args.skip_nonfinite:
+                raise nonfinite_stop(step, out_dir)  # nothing of this step was applied or saved
+            loop["skipped_steps"] += 1
+            logger.warning(f"step {step}: NaN/inf loss, optimizer step dropped (--skip-nonfinite)")
+        elif n_tokens > 0:
             optimizer_step(optimizer, scaler)
         else:
             loop["skipped_steps"] += 1
