@@ -101,6 +101,15 @@ def warn0(msg: str):
 # -----------------------------------------------------------------------------
 # Device and precision
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every stage's --help: the module docstring's layout kept, and each flag's default shown unless its help
+    already says what the default is (a device-sized or derived one)."""
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
 def positive_int(text: str) -> int:
     """argparse type for sizes (depth, sequence length, batch rows): a clear usage error instead of a
     ZeroDivisionError deep inside the run."""

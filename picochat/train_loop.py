@@ -40,7 +40,7 @@ def resume_arg(value: str):
 def add_resume_flag(parser):
     parser.add_argument("--resume", type=resume_arg, default=None,
                         help="'auto' = continue from the last complete checkpoint of this run (start fresh if there "
-                             "is none), or a step number (that checkpoint must exist)")
+                             "is none), or a step number (that checkpoint must exist); default: start fresh")
 
 
 def resume_step(resume, ckpt_dir, master=True):

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from picochat import checkpoint as ckpt, fetch, report
-from picochat.common import get_base_dir, compute_init, fill_sized_defaults, compute_cleanup, print0, atomic_path
+from picochat.common import HelpFormatter, get_base_dir, compute_init, fill_sized_defaults, compute_cleanup, print0, atomic_path
 from picochat.core_eval import evaluate_core, load_core_tasks
 from picochat.dataloader import pretrain_batches
 from picochat.engine import Engine, sample_prompts
@@ -31,14 +31,14 @@ from picochat.loss_eval import evaluate_bpb
 SIZED = dict(max_per_task=(-1, 50), split_tokens=(40 * 524288, 131072))
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="picochat base-eval", description="Evaluate a base model checkpoint.")
+    p = argparse.ArgumentParser(prog="picochat base-eval", description="Evaluate a base model checkpoint.", formatter_class=HelpFormatter)
     p.add_argument("--eval", default="core,bpb,sample", help="comma list of core, bpb, sample")
-    p.add_argument("--model-tag", default=None)
+    p.add_argument("--model-tag", default=None, help='model tag, e.g. d12 (default: the deepest model of that stage)')
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: last complete)")
     p.add_argument("--max-per-task", type=int, default=None,
                    help=f"CORE items per task, -1 = all (default: all on CUDA, {SIZED['max_per_task'][1]} on CPU/MPS)")
     p.add_argument("--tasks", default=None, help="comma list of CORE task labels (default: all in core.yaml)")
-    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--device-batch-size", type=int, default=32, help='rows per forward pass')
     p.add_argument("--split-tokens", type=int, default=None,
                    help=f"tokens per split for bpb (default: {SIZED['split_tokens'][0]:,} on CUDA, "
                         f"{SIZED['split_tokens'][1]:,} on CPU/MPS)")
@@ -46,10 +46,12 @@ def build_parser():
                    help="bpb over whole documents: cut long ones into row-sized pieces instead of cropping them "
                         "(the reference crops, so its bpb only sees each document's opening; reported as "
                         "train_bpb_split_docs / val_bpb_split_docs)")
-    p.add_argument("--device-type", default="")
-    p.add_argument("--bundle-dir", default=None, help="local CORE bundle directory (core.yaml, ...)")
+    p.add_argument("--device-type", default="", help='cuda|cpu|mps (default: autodetect)')
+    p.add_argument("--bundle-dir", default=None,
+                   help="local CORE bundle directory (core.yaml, ...; default: the mirror, else the public bundle)")
     p.add_argument("--data-dir", default=None, help="parquet shards for bpb (default $PICOCHAT_HOME/data/climbmix)")
-    p.add_argument("--mirror", default=None, help="PICOCHAT_MIRROR for this run (URL or directory)")
+    p.add_argument("--mirror", default=None,
+                   help="PICOCHAT_MIRROR for this run (URL or directory; default: the environment's)")
     return p
 
 

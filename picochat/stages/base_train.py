@@ -1,4 +1,4 @@
-"""
+r"""
 Pretrain a GPT on the pretraining shards. Every hyperparameter follows from --depth.
 
 Examples:
@@ -32,7 +32,7 @@ import argparse
 import torch
 
 from picochat import __version__
-from picochat.common import (compute_init, compute_cleanup, print0, warn0, synchronize,
+from picochat.common import (HelpFormatter, compute_init, compute_cleanup, print0, warn0, synchronize,
                              get_peak_flops, measure_cpu_matmul_peak, device_name, format_mfu, init_wandb,
                              max_memory_allocated, barrier, process_start_time, long_run_notice, positive_int)
 from picochat import checkpoint as ckpt, fp8, report
@@ -54,11 +54,11 @@ BATCH_EXPONENT = 0.383   # Power Lines: B_opt ~ D^0.383
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="picochat base-train", description="Pretrain a base model.")
+    p = argparse.ArgumentParser(prog="picochat base-train", description="Pretrain a base model.", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
     a("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
-    a("--seed", type=int, default=42)
+    a("--seed", type=int, default=42, help="seed of the weights' init and every RNG")
     a("--fp8", action="store_true", help="FP8 training (CUDA only; ignored with a warning elsewhere)")
     a("--fp8-recipe", default="tensorwise", choices=["tensorwise"],
       help="fp8 scaling recipe (tensorwise: one scale per tensor; the only one implemented)")
@@ -66,38 +66,51 @@ def build_parser():
       help="torch.compile the model (default: on for CUDA, off elsewhere)")
     # model
     a("--depth", type=positive_int, default=20, help="transformer layers: the one dial every other size follows from")
-    a("--aspect-ratio", type=positive_int, default=64, help="model width = depth x aspect ratio, rounded up to a multiple of --head-dim")
+    a("--aspect-ratio", type=positive_int, default=64,
+      help="model width = depth x aspect ratio, rounded up to a multiple of --head-dim")
     a("--head-dim", type=positive_int, default=128, help="attention head width")
     a("--max-seq-len", type=positive_int, default=2048, help="tokens per training row (the model's context)")
-    a("--window-pattern", default="SSSL")
+    a("--window-pattern", default="SSSL",
+      help='per-layer attention windows, repeated over the depth: S = short (a quarter of the context), L = long '
+           '(all); the last layer is always L')
     # horizon (precedence: num-iterations > target-flops > target-param-data-ratio)
-    a("--num-iterations", type=int, default=-1)
+    a("--num-iterations", type=int, default=-1,
+      help='optimizer steps (-1: from --target-flops or --target-param-data-ratio)')
     a("--max-time-s", type=float, default=-1.0,
       help="wall-clock budget of the whole command (start-up, evals and the final save included): the horizon is "
            f"set after the first {BUDGET_PROBE_STEPS} steps from their measured speed and refit once before the "
            f"warmdown (overrides the other horizons)")
-    a("--target-flops", type=float, default=-1.0)
-    a("--target-param-data-ratio", type=float, default=12.0)
+    a("--target-flops", type=float, default=-1.0, help='training FLOPs budget that sets the horizon (-1: off)')
+    a("--target-param-data-ratio", type=float, default=12.0,
+      help='training tokens per scaling parameter that sets the horizon (-1: off)')
     # batch
     a("--device-batch-size", type=positive_int, default=32, help="rows per forward/backward pass")
     a("--total-batch-size", type=int, default=-1, help="tokens per optimizer step; -1 = auto from depth")
     # optimization
-    a("--embedding-lr", type=float, default=0.3)
-    a("--unembedding-lr", type=float, default=0.008)
-    a("--weight-decay", type=float, default=0.28)
-    a("--matrix-lr", type=float, default=0.02)
-    a("--scalar-lr", type=float, default=0.5)
-    a("--warmup-steps", type=int, default=40)
-    a("--warmdown-ratio", type=float, default=0.65)
-    a("--final-lr-frac", type=float, default=0.05)
+    a("--embedding-lr", type=float, default=0.3,
+      help='AdamW LR of the token embedding at the d12 batch (scaled by sqrt(B/B_ref))')
+    a("--unembedding-lr", type=float, default=0.008,
+      help='AdamW LR of the lm_head at the d12 batch (scaled by sqrt(B/B_ref))')
+    a("--weight-decay", type=float, default=0.28,
+      help='Muon weight decay at d12 (rescaled with batch and data, cosine-decayed to 0)')
+    a("--matrix-lr", type=float, default=0.02,
+      help='Muon LR of the block matrices at the d12 batch (scaled by sqrt(B/B_ref))')
+    a("--scalar-lr", type=float, default=0.5, help='AdamW LR of the per-layer scalars at the d12 batch')
+    a("--warmup-steps", type=int, default=40, help='linear LR warmup steps')
+    a("--warmdown-ratio", type=float, default=0.65,
+      help='fraction of the run over which the LR decays linearly at the end')
+    a("--final-lr-frac", type=float, default=0.05, help='LR at the end, as a fraction of the peak')
     # evaluation / output
-    a("--eval-every", type=int, default=250, help="val bpb (also before step 0): every N steps and at the end; -1 = only at the end; 0 = never")
-    a("--eval-tokens", type=int, default=80 * 524288)
-    a("--core-metric-every", type=int, default=2000, help="CORE: every N steps and at the end; -1 = only at the end; 0 = never")
-    a("--core-metric-max-per-task", type=int, default=500)
-    a("--sample-every", type=int, default=2000, help="greedy samples: every N steps and at the end; -1 = only at the end; 0 = never")
+    a("--eval-every", type=int, default=250,
+      help="val bpb (also before step 0): every N steps and at the end; -1 = only at the end; 0 = never")
+    a("--eval-tokens", type=int, default=80 * 524288, help='validation tokens per val-bpb evaluation')
+    a("--core-metric-every", type=int, default=2000,
+      help="CORE: every N steps and at the end; -1 = only at the end; 0 = never")
+    a("--core-metric-max-per-task", type=int, default=500, help='CORE items per task during training (-1: all)')
+    a("--sample-every", type=int, default=2000,
+      help="greedy samples: every N steps and at the end; -1 = only at the end; 0 = never")
     a("--save-every", type=int, default=-1, help="checkpoints: every N steps; the final one is always saved")
-    a("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
+    a("--keep-last", type=int, default=None, help="keep only the newest N checkpoints (default: keep all)")
     a("--model-tag", default=None, help="checkpoint directory name (default d<depth>)")
     a("--data-dir", default=None, help="directory of parquet shards (default $PICOCHAT_HOME/data/climbmix)")
     a("--split-docs", action="store_true",

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from picochat.common import compute_init
+from picochat.common import HelpFormatter, compute_init
 from picochat.checkpoint import latest_source, load_model
 from picochat.engine import Engine, TextStreamer
 
@@ -61,13 +61,14 @@ def stream_reply(engine, tokenizer, prompt, args, out=None) -> list:
     return reply
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="picochat chat", description="Chat with a picochat model in the terminal")
+    parser = argparse.ArgumentParser(prog="picochat chat", description="Chat with a picochat model in the terminal", formatter_class=HelpFormatter)
     parser.add_argument("-i", "--source", choices=("rl", "sft", "base"), default=None,
                         help="checkpoint stage (default: the latest available, rl > sft > base)")
     parser.add_argument("-g", "--model-tag", default=None, help="model tag, e.g. d12 (default: the largest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last complete)")
-    parser.add_argument("-p", "--prompt", default=None, help="one-shot mode: answer this prompt and exit")
-    parser.add_argument("-t", "--temperature", type=float, default=0.6)
+    parser.add_argument("-p", "--prompt", default=None,
+                        help="one-shot mode: answer this prompt and exit (default: interactive)")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help='sampling temperature (0: greedy)')
     parser.add_argument("-k", "--top-k", type=int, default=50, help="0 = no top-k")
     parser.add_argument("-m", "--max-tokens", type=int, default=256, help="max new tokens per reply")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per reply)")

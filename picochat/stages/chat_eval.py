@@ -17,7 +17,7 @@ Examples:
 import argparse
 
 from picochat import checkpoint, report
-from picochat.common import compute_init, fill_sized_defaults, compute_cleanup, print0, get_base_dir, atomic_write_json
+from picochat.common import HelpFormatter, compute_init, fill_sized_defaults, compute_cleanup, print0, get_base_dir, atomic_write_json
 from picochat.engine import Engine
 from picochat.tasks import EVAL_TASKS
 from picochat.task_eval import ALL_TASKS, evaluate_tasks, chatcore
@@ -28,19 +28,21 @@ SIZED = dict(max_new_tokens=(512, 256), max_problems=(-1, 100))
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="picochat chat-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("-i", "--source", type=str, required=True, choices=["sft", "rl", "base"],
                    help="which checkpoint stage to evaluate")
     p.add_argument("-a", "--task-name", type=str, default=None, help=f"tasks separated by '|' (default all: {'|'.join(ALL_TASKS)})")
-    p.add_argument("-t", "--temperature", type=float, default=0.0)
+    p.add_argument("-t", "--temperature", type=float, default=0.0,
+                   help='sampling temperature of generative tasks (0: greedy)')
     p.add_argument("-m", "--max-new-tokens", type=int, default=None,
                    help=f"tokens per generative answer (default: {SIZED['max_new_tokens'][0]} on CUDA, "
                         f"{SIZED['max_new_tokens'][1]} on CPU/MPS)")
-    p.add_argument("-n", "--num-samples", type=int, default=1)
-    p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("-n", "--num-samples", type=int, default=1, help='answers per problem (pass@n)')
+    p.add_argument("-k", "--top-k", type=int, default=50, help='top-k for sampling (0: off)')
     p.add_argument("-b", "--batch-size", type=int, default=8, help="categorical batch size")
-    p.add_argument("-g", "--model-tag", type=str, default=None)
-    p.add_argument("-s", "--step", type=int, default=None)
+    p.add_argument("-g", "--model-tag", type=str, default=None,
+                   help='model tag, e.g. d12 (default: the deepest model of that stage)')
+    p.add_argument("-s", "--step", type=int, default=None, help='checkpoint step (default: the last complete one)')
     p.add_argument("-x", "--max-problems", type=int, default=None,
                    help=f"at most this many problems per task, -1 = all (default: all on CUDA, "
                         f"{SIZED['max_problems'][1]} on CPU/MPS)")

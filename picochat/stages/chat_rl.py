@@ -1,4 +1,4 @@
-"""
+r"""
 Reinforcement learning on GSM8K: a simplified GRPO (the reference's), which is effectively REINFORCE.
 
 Per question: N completions sampled with the Engine (calculator tool active, as at inference time),
@@ -22,7 +22,7 @@ import itertools
 import torch
 
 from picochat import checkpoint, report
-from picochat.common import all_reduce, compute_init, compute_cleanup, print0, init_wandb, rank_world
+from picochat.common import HelpFormatter, all_reduce, compute_init, compute_cleanup, print0, init_wandb, rank_world
 from picochat.engine import Engine
 from picochat.run_record import RunRecord
 from picochat.tasks.gsm8k import GSM8K
@@ -90,29 +90,32 @@ def evaluate_passk(engine, tokenizer, task, num_examples, num_samples, device_ba
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="picochat chat-rl", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    p.add_argument("--model-tag", type=str, default=None, help="SFT checkpoint tag (also the RL output tag)")
+    p.add_argument("--model-tag", type=str, default=None,
+                   help="SFT checkpoint tag, also the RL output tag (default: the deepest SFT model)")
     p.add_argument("--model-step", type=int, default=None, help="SFT checkpoint step (default: last)")
-    p.add_argument("--num-epochs", type=int, default=1)
+    p.add_argument("--num-epochs", type=int, default=1, help='passes over GSM8K train (when --num-iterations is -1)')
     p.add_argument("--num-iterations", type=int, default=-1, help="-1 = epochs x (train size // examples per step)")
     p.add_argument("--device-batch-size", type=int, default=8, help="rows per forward/backward and per sampling call")
     p.add_argument("--examples-per-step", type=int, default=16, help="questions per step, total over ranks")
     p.add_argument("--num-samples", type=int, default=16, help="completions per question")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--init-lr-frac", type=float, default=0.05)
+    p.add_argument("--max-new-tokens", type=int, default=256, help='tokens per sampled answer')
+    p.add_argument("--temperature", type=float, default=1.0, help='sampling temperature of the rollouts')
+    p.add_argument("--top-k", type=int, default=50, help='top-k of the rollouts (0: off)')
+    p.add_argument("--embedding-lr", type=float, default=0.2, help='AdamW LR of the embedding')
+    p.add_argument("--unembedding-lr", type=float, default=0.004, help='AdamW LR of the lm_head')
+    p.add_argument("--matrix-lr", type=float, default=0.02, help='Muon LR')
+    p.add_argument("--weight-decay", type=float, default=0.0, help='Muon weight decay')
+    p.add_argument("--init-lr-frac", type=float, default=0.05,
+                   help='every LR is multiplied by this (then decays linearly to 0)')
     p.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps and at the end; -1 = only at the "
                    "end; 0 = never")
-    p.add_argument("--eval-examples", type=int, default=400)
+    p.add_argument("--eval-examples", type=int, default=400, help='GSM8K test problems per pass@k evaluation')
     p.add_argument("--eval-samples", type=int, default=8, help="samples per eval problem (pass@1..k)")
-    p.add_argument("--save-every", type=int, default=60, help="checkpoints: every N steps; the final one is always saved")
+    p.add_argument("--save-every", type=int, default=60,
+                   help="checkpoints: every N steps; the final one is always saved")
     add_resume_flag(p)
     return p.parse_args(argv)
 

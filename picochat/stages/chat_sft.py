@@ -1,4 +1,4 @@
-"""
+r"""
 Supervised finetuning: turn a base checkpoint into a chat model.
 
 * Loads checkpoints/base/<tag>; sequence length, device batch size and total batch size are inherited from
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from picochat import checkpoint, report
-from picochat.common import (all_reduce, compute_init, fill_sized_defaults, compute_cleanup, print0, init_wandb, logger,
+from picochat.common import (HelpFormatter, all_reduce, compute_init, fill_sized_defaults, compute_cleanup, print0, init_wandb, logger,
                              synchronize, max_memory_allocated, long_run_notice)
 from picochat.engine import Engine
 from picochat.loss_eval import evaluate_bpb
@@ -178,7 +178,7 @@ SIZED = dict(eval_tokens=(40 * 524288, 65536), chatcore_max_cat=(-1, 100), chatc
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="picochat chat-sft", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     p.add_argument("--model-tag", type=str, default=None, help="base (and output) tag, default: largest base model")
@@ -188,22 +188,30 @@ def parse_args(argv):
                    "default: " + "smoltalk,mmlu:3,gsm8k:4,identity:2,simplespelling,spellingbee")
     p.add_argument("--mmlu-epochs", type=int, default=3, help="MMLU repeats in the default mixture")
     p.add_argument("--gsm8k-epochs", type=int, default=4, help="GSM8K repeats in the default mixture")
-    p.add_argument("--val-mixture", type=str, default=None, help="validation mixture spec")
+    p.add_argument("--val-mixture", type=str, default=None,
+                   help="validation mixture spec (default: smoltalk,mmlu@5200,gsm8k@420)")
     p.add_argument("--num-iterations", type=int, default=-1, help="-1 = one epoch of the mixture")
-    p.add_argument("--max-seq-len", type=int, default=None, help="None = inherit from the base run")
-    p.add_argument("--device-batch-size", type=int, default=None, help="None = inherit")
-    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per step; None = inherit")
-    p.add_argument("--embedding-lr", type=float, default=None)
-    p.add_argument("--unembedding-lr", type=float, default=None)
-    p.add_argument("--matrix-lr", type=float, default=None)
-    p.add_argument("--init-lr-frac", type=float, default=0.8)
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
-    p.add_argument("--warmdown-ratio", type=float, default=0.5)
-    p.add_argument("--final-lr-frac", type=float, default=0.0)
-    p.add_argument("--eval-every", type=int, default=200, help="val bpb (also before step 0): every N steps and at the end; -1 = only at the end; 0 = never")
+    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: the base run's)")
+    p.add_argument("--device-batch-size", type=int, default=None,
+                   help="rows per forward/backward pass (default: the base run's)")
+    p.add_argument("--total-batch-size", type=int, default=None,
+                   help="tokens per optimizer step (default: the base run's)")
+    p.add_argument("--embedding-lr", type=float, default=None,
+                   help="AdamW LR of the embedding (default: the base run's)")
+    p.add_argument("--unembedding-lr", type=float, default=None,
+                   help="AdamW LR of the lm_head (default: the base run's)")
+    p.add_argument("--matrix-lr", type=float, default=None, help="Muon LR (default: the base run's)")
+    p.add_argument("--init-lr-frac", type=float, default=0.8, help='every LR is multiplied by this')
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help='fraction of the run with a linear LR warmup')
+    p.add_argument("--warmdown-ratio", type=float, default=0.5,
+                   help='fraction of the run over which the LR decays linearly to --final-lr-frac')
+    p.add_argument("--final-lr-frac", type=float, default=0.0, help='LR at the end, as a fraction of the start')
+    p.add_argument("--eval-every", type=int, default=200,
+                   help="val bpb (also before step 0): every N steps and at the end; -1 = only at the end; 0 = never")
     p.add_argument("--eval-tokens", type=int, default=None,
                    help=f"val tokens per eval (default: {SIZED['eval_tokens'][0]:,} on CUDA, {SIZED['eval_tokens'][1]:,} on CPU/MPS)")
-    p.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE: every N steps and at the end; -1 = only at the end; 0 = never")
+    p.add_argument("--chatcore-every", type=int, default=200,
+                   help="ChatCORE: every N steps and at the end; -1 = only at the end; 0 = never")
     p.add_argument("--chatcore-max-cat", type=int, default=None,
                    help="categorical problems per task, -1 = all (default: all on CUDA, "
                         f"{SIZED['chatcore_max_cat'][1]} on CPU/MPS)")
@@ -213,11 +221,12 @@ def parse_args(argv):
     p.add_argument("--chatcore-max-new-tokens", type=int, default=None,
                    help=f"tokens per generative answer (default: {SIZED['chatcore_max_new_tokens'][0]} on CUDA, "
                         f"{SIZED['chatcore_max_new_tokens'][1]} on CPU/MPS)")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoints: every N steps; the final one is always saved")
-    p.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
+    p.add_argument("--save-every", type=int, default=-1,
+                   help="checkpoints: every N steps; the final one is always saved")
+    p.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints (default: keep all)")
     add_resume_flag(p)
     add_nonfinite_flag(p)
-    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=1, help='print and log the loss every N steps')
     p.add_argument("--compile", type=int, default=1, help="torch.compile the training model (CUDA only)")
     return p.parse_args(argv)
 

@@ -12,6 +12,7 @@ Examples:
 import argparse
 from pathlib import Path
 
+from picochat.common import HelpFormatter
 from picochat import fetch
 from picochat.dataset import (DATASETS, DEFAULT_DATASET, get_data_dir, list_parquet_files, row_group_sizes,
                               download_shards)
@@ -29,20 +30,25 @@ def _info(data_dir_arg, dataset):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="picochat data", description="Pretraining shards: download and inspect.")
+    parser = argparse.ArgumentParser(prog="picochat data", description="Pretraining shards: download and inspect.", formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    dl = sub.add_parser("download", help="download train shards 0..N-1 plus the validation shard")
+    dl = sub.add_parser("download", help="download train shards 0..N-1 plus the validation shard", formatter_class=HelpFormatter)
     dl.add_argument("-n", "--num-files", type=int, default=-1, help="number of train shards (-1 = all)")
     dl.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    dl.add_argument("--dataset", choices=sorted(DATASETS), default=DEFAULT_DATASET)
+    dl.add_argument("--dataset", choices=sorted(DATASETS), default=DEFAULT_DATASET,
+                    help="which public dataset's shards")
     dl.add_argument("--mirror", default=None, help="http(s) URL or local dir laid out like shared/data "
                                                    "(default: $PICOCHAT_MIRROR, else the public URLs)")
-    dl.add_argument("--data-dir", default=None, help="download into this directory instead of data/<dataset>")
-    dl.add_argument("--retries", type=int, default=5)
+    dl.add_argument("--data-dir", default=None,
+                    help="download into this directory (default: $PICOCHAT_HOME/data/<dataset>)")
+    dl.add_argument("--retries", type=int, default=5, help='attempts per file before giving up')
     dl.add_argument("--timeout", type=float, default=30.0, help="seconds without data before an attempt fails")
-    info = sub.add_parser("info", help="list the shards of a data directory with split, rows and row groups")
-    info.add_argument("--dataset", choices=sorted(DATASETS), default=DEFAULT_DATASET)
-    info.add_argument("--data-dir", default=None, help="any directory of parquet files with a `text` column")
+    info = sub.add_parser("info", help="list the shards of a data directory with split, rows and row groups", formatter_class=HelpFormatter)
+    info.add_argument("--dataset", choices=sorted(DATASETS), default=DEFAULT_DATASET,
+                      help="which public dataset's shards")
+    info.add_argument("--data-dir", default=None,
+                      help="any directory of parquet files with a `text` column (default: the --dataset's download "
+                           "directory)")
     args = parser.parse_args(argv)
 
     if args.command == "info":

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from picochat import PACKAGE_DIR
-from picochat.common import atomic_write_json, print0
+from picochat.common import HelpFormatter, atomic_write_json, print0
 from picochat.checkpoint import latest_source, load_model
 from picochat.tokenizer import SPLIT_PATTERN
 
@@ -160,12 +160,14 @@ def export_hf(model, tokenizer, out_dir, meta=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="picochat export", description="export a checkpoint to another format")
+    parser = argparse.ArgumentParser(prog="picochat export", description="export a checkpoint to another format", formatter_class=HelpFormatter)
     parser.add_argument("out_dir", help="output directory")
     parser.add_argument("--format", choices=["hf"], default="hf", help="hf = Hugging Face transformers directory")
-    parser.add_argument("-i", "--source", choices=["base", "sft", "rl"], default=None, help="default: latest of rl > sft > base")
-    parser.add_argument("-g", "--model-tag", default=None)
-    parser.add_argument("-s", "--step", type=int, default=None)
+    parser.add_argument("-i", "--source", choices=["base", "sft", "rl"], default=None,
+                        help="default: latest of rl > sft > base")
+    parser.add_argument("-g", "--model-tag", default=None,
+                        help='model tag, e.g. d12 (default: the deepest model of that stage)')
+    parser.add_argument("-s", "--step", type=int, default=None, help='checkpoint step (default: the last complete one)')
     args = parser.parse_args(argv)
     source = args.source or latest_source(args.model_tag)
     model, tokenizer, meta = load_model(source, torch.device("cpu"), phase="eval", model_tag=args.model_tag, step=args.step)

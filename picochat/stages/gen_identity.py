@@ -1,4 +1,4 @@
-"""
+r"""
 Synthetic identity conversations: teach the chat model its name and what it is.
 
 Writes get_base_dir()/identity_conversations.jsonl (one JSON array of messages per line, the CustomJSON
@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from picochat import PACKAGE_DIR
-from picochat.common import atomic_path
+from picochat.common import HelpFormatter, atomic_path
 from picochat.tasks import identity_path
 
 log = logging.getLogger("picochat.gen_identity")
@@ -298,16 +298,20 @@ def generate_templates(kb, num, seed=42) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="picochat gen-identity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--num", type=int, default=1000, help="number of conversations")
     p.add_argument("--output", type=str, default=None, help="default: $PICOCHAT_HOME/identity_conversations.jsonl")
     p.add_argument("--append", action="store_true", help="append to an existing output file")
     p.add_argument("--knowledge", type=str, default=None, help=f"knowledge file (default {DEFAULT_KNOWLEDGE})")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--api-base", type=str, default=None, help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
-    p.add_argument("--api-key", type=str, default=None)
-    p.add_argument("--model", type=str, default=None, help="model name at the endpoint")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=42, help='seed of the template sampling')
+    p.add_argument("--api-base", type=str, default=None,
+                   help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (default: none, "
+                        "template-generated conversations)")
+    p.add_argument("--api-key", type=str, default=None,
+                   help="API key of --api-base, sent as a Bearer token (default: none)")
+    p.add_argument("--model", type=str, default=None,
+                   help="model name at the endpoint (default: the endpoint's default for --api-base)")
+    p.add_argument("--temperature", type=float, default=1.0, help='sampling temperature of the LLM (--api-base)')
     p.add_argument("--workers", type=int, default=4, help="parallel API requests")
     p.add_argument("--retries", type=int, default=2, help="extra attempts per conversation when invalid")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per API request")

@@ -1,4 +1,4 @@
-"""
+r"""
 Convert a nanochat checkpoint into a picochat one, so `picochat chat`, `serve`, `base-eval` and
 `chat-eval` can use it.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from picochat.common import get_base_dir, print0
+from picochat.common import HelpFormatter, get_base_dir, print0
 from picochat.checkpoint import checkpoint_dir, save_checkpoint
 from picochat.run_record import RunRecord
 from picochat.gpt import GPT, GPTConfig, build_model
@@ -153,12 +153,16 @@ def import_checkpoint(ckpt_dir, step=None, tokenizer_dir=None, allow_pickle=Fals
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="picochat import-nanochat", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="picochat import-nanochat", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("ckpt_dir", help="nanochat checkpoint directory (holds model_NNNNNN.pt, meta_NNNNNN.json)")
     parser.add_argument("--step", type=int, default=None, help="default: the last step present")
-    parser.add_argument("--tokenizer-dir", default=None, help="directory of nanochat's tokenizer.pkl")
+    parser.add_argument("--tokenizer-dir", default=None,
+                        help="directory of nanochat's tokenizer.pkl (default: CKPT_DIR/tokenizer, then the "
+                             "tokenizer/ two levels above CKPT_DIR)")
     parser.add_argument("--allow-pickle", action="store_true", help="read the pickled tokenizer (restricted unpickler)")
-    parser.add_argument("--stage", choices=["base", "sft", "rl"], default="base", help="which picochat stage it becomes")
+    parser.add_argument("--stage", choices=["base", "sft", "rl"], default="base",
+                        help="which picochat stage it becomes")
     parser.add_argument("--model-tag", default=None, help="default d<depth>")
     args = parser.parse_args(argv)
     out = import_checkpoint(args.ckpt_dir, args.step, args.tokenizer_dir, args.allow_pickle, args.stage, args.model_tag)

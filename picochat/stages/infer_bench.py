@@ -24,7 +24,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
-from picochat.common import (compute_init, synchronize, device_name, get_peak_flops, get_peak_bandwidth,
+from picochat.common import (HelpFormatter, compute_init, synchronize, device_name, get_peak_flops, get_peak_bandwidth,
                              measure_cpu_matmul_peak, print0)
 from picochat.gpt import config_from_depth, build_model
 from picochat.tokenizer import get_tokenizer
@@ -121,10 +121,12 @@ def load(args, rt):
     return model, tokenizer, {"source": args.source, "step": meta.get("step")}
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="picochat infer-bench", description="Inference benchmark (prefill, TTFT, TPOT, MBU/MFU)")
-    parser.add_argument("-i", "--source", default="base", choices=["base", "sft", "rl"])
-    parser.add_argument("-g", "--model-tag", default=None)
-    parser.add_argument("-s", "--step", type=int, default=None)
+    parser = argparse.ArgumentParser(prog="picochat infer-bench", description="Inference benchmark (prefill, TTFT, TPOT, MBU/MFU)",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("-i", "--source", default="base", choices=["base", "sft", "rl"], help='checkpoint stage')
+    parser.add_argument("-g", "--model-tag", default=None,
+                        help='model tag, e.g. d12 (default: the deepest model of that stage)')
+    parser.add_argument("-s", "--step", type=int, default=None, help='checkpoint step (default: the last complete one)')
     parser.add_argument("--random-init", action="store_true", help="benchmark random weights (no checkpoint)")
     parser.add_argument("--depth", type=int, default=4, help="model depth for --random-init")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="sequence_len for --random-init")
@@ -133,8 +135,9 @@ def main(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=None, help="default: 2048 on CUDA, 256 on CPU")
     parser.add_argument("--decode-tokens", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
     parser.add_argument("--batch-sizes", default=None, help="comma list; default 1,8,32,128 on CUDA, 1,4,16 on CPU")
-    parser.add_argument("-t", "--temperature", type=float, default=0.0)
-    parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"])
+    parser.add_argument("-t", "--temperature", type=float, default=0.0, help='sampling temperature (0: greedy)')
+    parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"],
+                        help='cuda|cpu|mps (default: autodetect) (empty: autodetect)')
     parser.add_argument("--decode-dtype", default="", choices=["", "bfloat16"],
                         help="decode with a copy of the model whose weights are in this dtype (empty = the model's)")
     args = parser.parse_args(argv)

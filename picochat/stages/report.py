@@ -8,14 +8,15 @@ What each stage logs and what the summary table reads: picochat/report.py.
 """
 import argparse
 
-from picochat.common import get_dist_info
+from picochat.common import HelpFormatter, get_dist_info
 from picochat.report import reset, generate
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="picochat report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", nargs="?", default="generate", choices=["generate", "reset"])
+                                formatter_class=HelpFormatter)
+    p.add_argument("action", nargs="?", default="generate", choices=["generate", "reset"],
+                   help="generate: render report.md; reset: start a new run's report")
     p.add_argument("--no-copy", action="store_true", help="do not copy report.md into the current directory")
     args = p.parse_args(argv)
     if get_dist_info()[1] != 0:

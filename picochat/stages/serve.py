@@ -1,4 +1,4 @@
-"""
+r"""
 `picochat serve`: an OpenAI-compatible chat API and a ChatGPT-like web UI for a picochat checkpoint.
 
     picochat serve                                # latest checkpoint (rl > sft > base), http://127.0.0.1:8000
@@ -44,7 +44,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from picochat import PACKAGE_DIR
 from picochat.api_schema import Limits, APIError, ChatRequest, parse_chat_request
 from picochat.checkpoint import load_model, latest_source
-from picochat.common import autodetect_device_type, check_device_type, logger
+from picochat.common import HelpFormatter, autodetect_device_type, check_device_type, logger
 from picochat.engine import Engine, TextStreamer
 
 UI_PATH = PACKAGE_DIR / "ui.html"
@@ -445,7 +445,7 @@ def load_workers(source, device_type, num_workers, model_tag=None, step=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="picochat serve", description=__doc__.split("Endpoints:")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("-i", "--source", choices=["base", "sft", "rl"], default=None,
                    help="checkpoint stage (default: the latest available: rl, then sft, then base)")
     p.add_argument("-g", "--model-tag", default=None, help="model tag, e.g. d20 (default: the loader's choice)")
@@ -454,14 +454,14 @@ def main(argv=None):
     p.add_argument("-n", "--num-workers", type=int, default=None,
                    help="model replicas, one per GPU (default: all GPUs on CUDA, 1 on CPU/MPS)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server to the network)")
-    p.add_argument("-p", "--port", type=int, default=8000)
+    p.add_argument("-p", "--port", type=int, default=8000, help='TCP port')
     p.add_argument("-t", "--temperature", type=float, default=0.8, help="default temperature")
     p.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = off)")
     p.add_argument("-m", "--max-tokens", type=int, default=512, help="default max new tokens per reply")
     p.add_argument("--cors-origins", default=None, help="comma-separated allowed origins, or '*' (default: CORS off)")
-    p.add_argument("--max-messages", type=int, default=500)
-    p.add_argument("--max-message-chars", type=int, default=8000)
-    p.add_argument("--max-total-chars", type=int, default=32000)
+    p.add_argument("--max-messages", type=int, default=500, help='most messages a request may carry')
+    p.add_argument("--max-message-chars", type=int, default=8000, help='longest message, in characters')
+    p.add_argument("--max-total-chars", type=int, default=32000, help='most characters over all messages of a request')
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     args = p.parse_args(argv)
 

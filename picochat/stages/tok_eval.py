@@ -15,7 +15,7 @@ import tempfile
 
 import tiktoken
 
-from picochat.common import print0, is_master
+from picochat.common import HelpFormatter, print0, is_master
 from picochat import report
 from picochat.dataset import iter_row_groups
 from picochat.tokenizer import Tokenizer, get_tokenizer
@@ -145,7 +145,7 @@ def print_table(rows: list, title: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="picochat tok-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data-dir", type=str, default=None, help="directory of parquet shards (default: downloaded data)")
     p.add_argument("--tokenizer-dir", type=str, default=None, help="default $PICOCHAT_HOME/tokenizer")
     args = p.parse_args(argv)

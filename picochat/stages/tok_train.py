@@ -15,7 +15,7 @@ import argparse
 import threading
 from pathlib import Path
 
-from picochat.common import get_base_dir, print0, is_master
+from picochat.common import HelpFormatter, get_base_dir, print0, is_master
 from picochat.dataset import iter_row_groups  # train = every shard but the last
 from picochat.tokenizer import Tokenizer, SPECIAL_TOKENS
 from picochat import report
@@ -79,7 +79,7 @@ def text_iterator(row_groups, max_chars: int, doc_cap: int, stats: dict):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="picochat tok-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--max-chars", type=float, default=2e9, help="stop after this many characters (default 2e9)")
     p.add_argument("--doc-cap", type=int, default=10_000, help="truncate each document to this many characters")
     p.add_argument("--vocab-size", type=int, default=32768, help="vocab size INCLUDING the 9 special tokens")
