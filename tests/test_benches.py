@@ -57,3 +57,10 @@ def test_gpu_check_pipeline_at_toy_size_on_cpu(tmp_path):
     assert rc == 0 and summary["ok"], summary
     assert set(summary["steps"]) == {"train_bf16", "infer", "sft", "eval"}
     assert summary["train_bf16"]["tok_per_sec"] > 0 and summary["infer"]
+
+
+def test_flex_attention_bench_at_toy_size(capsys):
+    assert load("bench_flex_attention").main(["--seq", "256", "--window", "64", "--batch", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "max |flex - sdpa|" in out
+    assert float(out.split("max |flex - sdpa| = ")[1].split()[0]) < 1e-4  # the same attention
