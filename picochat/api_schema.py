@@ -135,6 +135,22 @@ def validate_messages(raw, limits: Limits) -> list:
                        code="invalid_role")
     return out
 
+# Parameters a client may send that picochat cannot honour, with the values that change nothing: any other value
+# is a 400 naming the parameter (a JSON-mode client must not get free text back as if it had asked for it).
+UNHONOURED = {
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "tool_choice": (None, "none"),
+    "function_call": (None, "none"),
+    "min_p": (None, 0, 0.0),
+    "top_a": (None, 0, 0.0),
+    "typical_p": (None, 1, 1.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+}
+
 def parse_chat_request(body, limits: Limits, defaults: dict) -> ChatRequest:
     """Validate an OpenAI /v1/chat/completions body (plus the top_k extension). Raises APIError."""
     if not isinstance(body, dict):
@@ -183,6 +199,10 @@ def parse_chat_request(body, limits: Limits, defaults: dict) -> ChatRequest:
         raise APIError("'logprobs' is not supported", param="logprobs", code="unsupported")
     if body.get("tools") or body.get("functions"):
         raise APIError("'tools' are not supported", param="tools", code="unsupported")
+    for key, harmless in UNHONOURED.items():
+        if key in body and body[key] not in harmless:  # silently ignoring it would give the client other output
+            raise APIError(f"'{key}' is not supported by this server (allowed: {harmless!r})", param=key,
+                           code="unsupported")
     return ChatRequest(messages=messages, max_tokens=int(max_tokens), temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=int(seed), n=int(n), stream=stream, include_usage=include_usage, stop=stop)
 

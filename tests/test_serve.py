@@ -311,6 +311,12 @@ def _malformed(limits):
         ("logprobs", {"messages": ok, "logprobs": True}),
         ("tools", {"messages": ok, "tools": [{"type": "function", "function": {"name": "f"}}]}),
         ("presence penalty", {"messages": ok, "presence_penalty": 1.0}),
+        # what the server cannot honour is refused, never silently ignored (a JSON-mode client broke on that)
+        ("response_format json", {"messages": ok, "response_format": {"type": "json_object"}}),
+        ("logit_bias", {"messages": ok, "logit_bias": {"42": -100}}),
+        ("tool_choice", {"messages": ok, "tool_choice": "auto"}),
+        ("min_p", {"messages": ok, "min_p": 0.1}),
+        ("repetition_penalty", {"messages": ok, "repetition_penalty": 1.3}),
     ]
 
 def test_malformed_requests_get_4xx_and_server_stays_healthy(stack):
@@ -445,3 +451,34 @@ def test_engine_failure_is_reported_and_the_worker_survives(stack):
         stats = c.get("/stats").json()
         assert stats["requests_failed"] == 2 and stats["available_workers"] == 1
         assert c.get("/health").json()["status"] == "ok"
+
+
+def test_unhonoured_parameters_name_themselves_and_harmless_values_pass(stack):
+    engine, tok = stack
+    ok = [{"role": "user", "content": "hi"}]
+    with ServerThread(create_app([(engine, tok, "cpu")], model_name=MODEL)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        for key, value in [("response_format", {"type": "json_object"}), ("logit_bias", {"42": -100}),
+                           ("tool_choice", "required"), ("min_p", 0.05), ("repetition_penalty", 1.1)]:
+            r = c.post("/v1/chat/completions", json={"messages": ok, "max_tokens": 2, key: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == key, (key, r.text)
+        r = c.post("/v1/chat/completions", json={"messages": ok, "max_tokens": 2, "response_format": {"type": "text"},
+                                                 "logit_bias": {}, "tool_choice": "none", "repetition_penalty": 1.0})
+        assert r.status_code == 200, r.text
+
+
+def test_api_key_guards_the_api(stack):
+    import openai
+    engine, tok = stack
+    with ServerThread(create_app([(engine, tok, "cpu")], model_name=MODEL, api_key="s3cret")) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = c.post("/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        assert c.get("/v1/models").status_code == 401 and c.post("/chat/completions", json=body).status_code == 401
+        assert c.get("/health").status_code == 200  # liveness probes need no key
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.chat.completions.create(model=MODEL, messages=body["messages"], max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()

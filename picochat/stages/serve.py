@@ -24,7 +24,9 @@ back itself, so a worker is never returned while its engine is still running. A 
 the request's cancel flag; the thread stops at the next token and the worker is free again.
 The prompt comes from Engine.chat_prompt, which also applies the context policy (long chats never crash).
 """
+import os
 import sys
+import hmac
 import json
 import time
 import uuid
@@ -241,9 +243,10 @@ def _sse(obj) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
 def create_app(workers, model_name="picochat", limits: Limits | None = None, default_temperature=0.8,
-               default_top_k=50, default_max_tokens=512, cors_origins=None):
+               default_top_k=50, default_max_tokens=512, cors_origins=None, api_key=None):
     """Build the FastAPI app. workers: list of (engine, tokenizer, device) (or Worker); may be empty, then the
-    server answers but reports "model not loaded". Tests inject a tiny random model here."""
+    server answers but reports "model not loaded". Tests inject a tiny random model here. With api_key, every
+    /v1/ and /chat/ request must carry `Authorization: Bearer <api_key>`."""
     limits = limits or Limits()
     defaults = {"temperature": default_temperature, "top_k": default_top_k, "max_tokens": default_max_tokens}
     server = Server(workers, model_name, limits, defaults)
@@ -259,6 +262,16 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"])
+
+    if api_key:
+        @app.middleware("http")
+        async def _require_key(request, call_next):
+            if request.url.path.startswith(("/v1/", "/chat/")) and \
+                    not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+                err = APIError("missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                               status=401)
+                return JSONResponse(err.body(), status_code=401)
+            return await call_next(request)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -462,6 +475,8 @@ def main(argv=None):
     p.add_argument("--max-messages", type=int, default=500, help='most messages a request may carry')
     p.add_argument("--max-message-chars", type=int, default=8000, help='longest message, in characters')
     p.add_argument("--max-total-chars", type=int, default=32000, help='most characters over all messages of a request')
+    p.add_argument("--api-key", default=os.environ.get("PICOCHAT_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $PICOCHAT_API_KEY, else no auth)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     args = p.parse_args(argv)
 
@@ -485,9 +500,11 @@ def main(argv=None):
                     max_total_chars=args.max_total_chars, max_tokens_limit=args.max_tokens_limit)
     cors = [o.strip() for o in args.cors_origins.split(",") if o.strip()] if args.cors_origins else None
     app = create_app(workers, model_name=model_name, limits=limits, default_temperature=args.temperature,
-                     default_top_k=args.top_k, default_max_tokens=args.max_tokens, cors_origins=cors)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("binding to %s: anyone who can reach this address can use the model (no auth)", args.host)
+                     default_top_k=args.top_k, default_max_tokens=args.max_tokens, cors_origins=cors,
+                     api_key=args.api_key)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logger.warning("binding to %s without --api-key: anyone who can reach this address can use the model",
+                       args.host)
     print(f"picochat serve: {model_name} on {len(workers)} worker(s) -> http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
