@@ -164,6 +164,10 @@ class Engine:
         T = self.sequence_len
         return max(1, T // 4) if max_new_tokens is None else max(1, min(int(max_new_tokens), T // 2))
 
+    def prompt_limit(self, max_new_tokens) -> int:
+        """The longest prompt (in tokens) that chat_prompt keeps whole when max_new_tokens are asked for."""
+        return self.sequence_len - self._reserve(max_new_tokens)
+
     def fit_prompt(self, tokens, max_tokens):
         """(prompt, max_tokens) that fit the model's context; see the module docstring."""
         T = self.sequence_len

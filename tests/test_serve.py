@@ -121,14 +121,22 @@ def test_system_message_merges_into_first_user_turn(server, stack):
     assert r.json()["usage"]["prompt_tokens"] == len(engine.chat_prompt(merged, 6))
     assert r.json()["choices"][0]["message"]["content"] == expected(stack, merged, 6)[2]
 
-def test_long_conversation_does_not_crash(server):
-    """Far beyond the tiny model's 128-token context: Engine.chat_prompt trims it, the server answers."""
+def test_long_conversation_is_refused_or_truncated(server, stack):
+    """Far beyond the tiny model's 128-token context: by default a 400 context_length_exceeded (as OpenAI's API),
+    with truncate_prompts the engine's context policy trims it and the server answers; never a crash."""
     msgs = []
     for i in range(40):
         msgs += [{"role": "user", "content": f"question number {i} about the quick brown fox"},
                  {"role": "assistant", "content": f"answer {i}: it was the best of times"}]
     msgs.append({"role": "user", "content": "and the last one?"})
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 8}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert "128 tokens" in r.json()["error"]["message"]
+    short = [{"role": "user", "content": "hi"}]  # what fits still runs
+    assert httpx.post(server.url + "/v1/chat/completions", json={"messages": short, "max_tokens": 8}).status_code == 200
+    engine, tok = stack
+    with ServerThread(create_app([(engine, tok, "cpu")], model_name=MODEL, truncate_prompts=True)) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 8}, timeout=30)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] <= 128

@@ -22,7 +22,9 @@ thread runs the (synchronous) Engine, pushing decoded text into that request's o
 concurrent streams can never mix. The generation thread owns the worker until it exits and then puts it
 back itself, so a worker is never returned while its engine is still running. A client disconnect sets
 the request's cancel flag; the thread stops at the next token and the worker is free again.
-The prompt comes from Engine.chat_prompt, which also applies the context policy (long chats never crash).
+The prompt comes from Engine.chat_prompt. A conversation that does not fit the context is refused with a 400
+(context_length_exceeded), or, with --truncate-prompts, trimmed by the engine's context policy (oldest turns
+first); either way a long chat never crashes the server.
 """
 import os
 import sys
@@ -243,10 +245,11 @@ def _sse(obj) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
 def create_app(workers, model_name="picochat", limits: Limits | None = None, default_temperature=0.8,
-               default_top_k=50, default_max_tokens=512, cors_origins=None, api_key=None):
+               default_top_k=50, default_max_tokens=512, cors_origins=None, api_key=None, truncate_prompts=False):
     """Build the FastAPI app. workers: list of (engine, tokenizer, device) (or Worker); may be empty, then the
     server answers but reports "model not loaded". Tests inject a tiny random model here. With api_key, every
-    /v1/ and /chat/ request must carry `Authorization: Bearer <api_key>`."""
+    /v1/ and /chat/ request must carry `Authorization: Bearer <api_key>`. A conversation longer than the context
+    is a 400 (context_length_exceeded) unless truncate_prompts, then its oldest turns are dropped."""
     limits = limits or Limits()
     defaults = {"temperature": default_temperature, "top_k": default_top_k, "max_tokens": default_max_tokens}
     server = Server(workers, model_name, limits, defaults)
@@ -323,7 +326,22 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
                            param="model", code="model_not_found", status=404)
         return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "picochat"}
 
+    def check_context(req: ChatRequest):
+        """By default a conversation that does not fit the context is refused (OpenAI's context_length_exceeded);
+        with truncate_prompts the engine drops its oldest turns instead (the terminal chat's policy)."""
+        worker = server.workers[0] if server.workers else None
+        limit = getattr(worker.engine, "prompt_limit", None) if worker else None
+        if truncate_prompts or limit is None:
+            return
+        n = len(worker.tokenizer.render_conversation({"messages": req.messages}, max_tokens=1 << 62)[0]) + 1
+        if n > limit(req.max_tokens):
+            raise APIError(f"this model's context is {worker.engine.sequence_len} tokens; the messages take {n} and "
+                           f"max_tokens={req.max_tokens} needs room too (longest prompt: {limit(req.max_tokens)}). "
+                           "Shorten the conversation or lower max_tokens", param="messages",
+                           code="context_length_exceeded")
+
     async def start_generation(req: ChatRequest) -> Generation:
+        check_context(req)
         worker = await server.acquire()
         try:
             return Generation(server, worker, req).start()
@@ -477,6 +495,9 @@ def main(argv=None):
     p.add_argument("--max-total-chars", type=int, default=32000, help='most characters over all messages of a request')
     p.add_argument("--api-key", default=os.environ.get("PICOCHAT_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $PICOCHAT_API_KEY, else no auth)")
+    p.add_argument("--truncate-prompts", action="store_true",
+                   help="drop a long conversation's oldest turns to fit the context instead of refusing it with "
+                        "a 400 (context_length_exceeded)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     args = p.parse_args(argv)
 
@@ -501,7 +522,7 @@ def main(argv=None):
     cors = [o.strip() for o in args.cors_origins.split(",") if o.strip()] if args.cors_origins else None
     app = create_app(workers, model_name=model_name, limits=limits, default_temperature=args.temperature,
                      default_top_k=args.top_k, default_max_tokens=args.max_tokens, cors_origins=cors,
-                     api_key=args.api_key)
+                     api_key=args.api_key, truncate_prompts=args.truncate_prompts)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("binding to %s without --api-key: anyone who can reach this address can use the model",
                        args.host)
