@@ -142,7 +142,8 @@ def stack(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def server(stack):
     engine, tok = stack
-    with ServerThread(create_app([(engine, tok, "cpu")], model_name="picochat-ui-test")) as srv:
+    # truncate_prompts: the page tests send long texts to a tiny-context model and check layout and streaming
+    with ServerThread(create_app([(engine, tok, "cpu")], model_name="picochat-ui-test", truncate_prompts=True)) as srv:
         yield srv
 
 def greedy_reply(stack, messages, max_tokens=512):
