@@ -48,6 +48,7 @@ class GPTConfig:
     n_kv_head: int = 6
     n_embd: int = 768
     window_pattern: str = "SSSL"
+    short_window: int = 0  # the S window in keys; 0 = short_window(sequence_len). Imported models carry their own
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +95,7 @@ def short_window(sequence_len: int) -> int:
 def window_sizes(config: GPTConfig) -> list[int]:
     """Per-layer left window (number of previous keys visible). Pattern tiled, last layer forced to L."""
     pattern = config.window_pattern.upper()
-    L, S = config.sequence_len, short_window(config.sequence_len)
+    L, S = config.sequence_len, config.short_window or short_window(config.sequence_len)
     sizes = [L if pattern[i % len(pattern)] == "L" else S for i in range(config.n_layer)]
     sizes[-1] = L
     return sizes

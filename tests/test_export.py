@@ -37,9 +37,9 @@ CHAT_SHAPES = {  # every conversation shape the chat format defines (picochat.to
 }
 
 
-def tiny_model(vocab_size, seed=0):
+def tiny_model(vocab_size, seed=0, sequence_len=64):
     torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=4, n_head=2, n_kv_head=2, n_embd=64,
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=4, n_head=2, n_kv_head=2, n_embd=64,
                        window_pattern="SSL")
     model = build_model(config, torch.device("cpu"), torch.float32)
     with torch.no_grad():  # make every path count: smear is off and projections are zero at init
@@ -127,6 +127,7 @@ def test_import_nanochat_round_trip(tmp_path, picochat_home, tiny_tokenizer):
     run = RunRecord.from_meta(meta)  # what chat-sft inherits from an imported base model
     assert run.max_seq_len == model.config.sequence_len and run.lrs["matrix"] == 0.02 and run.parent["step"] == 7
     idx = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    model.window_sizes = [128, 128, 64, 64]  # the weights as nanochat runs them: its S window at T=64 is 128
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
 
@@ -164,3 +165,26 @@ def test_cli_export_and_import(tmp_path, picochat_home, tiny_tokenizer):
     ckpt = _write_nanochat_checkpoint(tmp_path / "nanochat", model, tiny_tokenizer)
     assert picochat_main(["import-nanochat", str(ckpt), "--allow-pickle", "--stage", "rl", "--model-tag", "nc"]) == 0
     assert (picochat_home / "checkpoints" / "rl" / "nc" / "model_000007.safetensors").exists()
+
+
+@pytest.mark.parametrize("T", [64, 128, 256, 2048])
+def test_import_nanochat_keeps_nanochat_windows(tmp_path, picochat_home, tiny_tokenizer, T):
+    """nanochat's S window is a quarter of the context rounded UP to 128 even at short contexts (where picochat
+    keeps T/4): an imported model attends as it was trained, at every context length."""
+    from picochat.checkpoint import load_model
+    from picochat.gpt import short_window
+    from picochat.stages.import_nanochat import import_checkpoint
+    model = tiny_model(tiny_tokenizer.get_vocab_size(), seed=4, sequence_len=T)
+    import_checkpoint(_write_nanochat_checkpoint(tmp_path / "nanochat", model, tiny_tokenizer), allow_pickle=True,
+                      model_tag=f"t{T}")
+    loaded, _, _ = load_model("base", torch.device("cpu"), model_tag=f"t{T}")
+    nanochat_s = {64: 128, 128: 128, 256: 128, 2048: 512}[T]  # -(-T // 4 // 128) * 128, written out
+    assert loaded.window_sizes == [nanochat_s, nanochat_s, T, T]  # pattern SSL tiled, last layer long
+    if nanochat_s >= T:  # the S layers see the whole context, as plain causal attention does
+        assert short_window(T) < T  # ...where picochat's own rule would have cut it (the 0.50 logit gap)
+        full = tiny_model(tiny_tokenizer.get_vocab_size(), seed=4, sequence_len=T)
+        full.config.window_pattern = "L"
+        full.window_sizes = [T] * 4
+        idx = torch.randint(0, tiny_tokenizer.get_vocab_size(), (1, T), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(idx), full(idx), rtol=1e-5, atol=1e-5)

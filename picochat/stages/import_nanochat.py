@@ -96,6 +96,13 @@ def convert_state_dict(state: dict, config) -> dict:
     return state
 
 
+def nanochat_short_window(sequence_len: int) -> int:
+    """nanochat's S window: a quarter of the context rounded UP to a multiple of 128 (FA3's tile), with no
+    exception for short contexts, so at T <= 128 it covers the whole context (picochat keeps T/4 there). An imported
+    model must attend exactly as it was trained."""
+    return -(-sequence_len // 4 // 128) * 128
+
+
 def import_checkpoint(ckpt_dir, step=None, tokenizer_dir=None, allow_pickle=False, stage="base", model_tag=None):
     """Convert; returns the picochat checkpoint directory."""
     ckpt_dir = Path(ckpt_dir).expanduser()
@@ -116,6 +123,7 @@ def import_checkpoint(ckpt_dir, step=None, tokenizer_dir=None, allow_pickle=Fals
         raise ValueError(f"{meta_file}: model_config lacks {sorted(needed - cfg.keys())}")
     cfg.setdefault("window_pattern", "L")  # nanochat checkpoints from before sliding windows
     config = GPTConfig.from_dict({k: cfg[k] for k in needed | {"window_pattern"}})
+    config.short_window = nanochat_short_window(config.sequence_len)
 
     pkl = find_tokenizer_pickle(ckpt_dir, tokenizer_dir)
     if not allow_pickle:
