@@ -303,6 +303,9 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 def compute_cleanup():
     if dist_active():
+        # every rank reaches the end before any tears its connections down: a rank that leaves first can abort a
+        # peer's gloo threads mid-teardown ("terminate called without an active exception", SIGABRT)
+        dist.barrier()
         dist.destroy_process_group()
 
 def barrier():

@@ -11,6 +11,7 @@ import picochat.common as common
 from picochat.core_eval import (render_prompts_mc, render_prompts_schema, render_prompts_lm, evaluate_task,
                                 evaluate_core, prepare_task_data, fewshot_examples, centered, tokenize_example)
 from picochat.loss_eval import evaluate_bpb
+from picochat.common import compute_cleanup
 
 
 class CharTok:
@@ -178,7 +179,7 @@ def _dist_worker(rank, world, init_file, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(f"{acc!r} {bpb!r}")
     finally:
-        dist.destroy_process_group()
+        compute_cleanup()  # barrier, then teardown
 
 
 def test_two_ranks_all_reduce(tmp_path):

@@ -13,6 +13,7 @@ import torch
 from picochat import dataloader
 from picochat.dataloader import pretrain_batches, assign_row_groups
 from picochat.train_loop import gather_loader_states, rank_loader_state
+from picochat.common import compute_cleanup
 
 FIRST = 0x21  # doc k is the character chr(FIRST + k) repeated: every token names its document
 
@@ -300,7 +301,7 @@ def _ddp_worker(rank, world, port, data, out):
         if rank == 0:
             out.write_text(json.dumps(gathered))
     finally:
-        dist.destroy_process_group()
+        compute_cleanup()  # barrier, then teardown
 
 
 def test_gather_state_two_processes_then_exact_resume(tmp_path):

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from picochat import optim
+from picochat.common import compute_cleanup
 from picochat.optim import MuonAdamW, POLAR_EXPRESS_COEFFS, polar_express
 
 # -----------------------------------------------------------------------------
@@ -376,7 +377,7 @@ def _dist_worker(rank, world, port, outdir):
     try:
         _dist_scenario(rank, world, outdir, "native")
     finally:
-        dist.destroy_process_group()
+        compute_cleanup()  # barrier, then teardown: what every stage does
 
 def _free_port():
     with socket.socket() as s:
