@@ -96,3 +96,44 @@ def test_no_checkpoint_is_a_clear_error(picochat_home, capsys):
     from picochat.stages.chat_cli import main
     assert main(["-p", "hi", "--device-type", "cpu"]) == 2  # a user's mistake: exit code 2, one line
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+class _ScriptedEngine:
+    """Replays a fixed reply (the tool-call markers included) through stream_reply's Engine interface."""
+    def __init__(self, tok, reply):
+        sp = tok.encode_special
+        self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
+        self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
+        self.assistant_end, self.bos = sp("<|assistant_end|>"), tok.get_bos_token_id()
+        self.reply = reply + [self.assistant_end]
+
+    def generate(self, prompt, **kwargs):
+        for t in self.reply:
+            yield [t], [1]
+
+
+def test_tool_calls_print_readably(tiny_tokenizer):
+    import io
+    from types import SimpleNamespace
+    from picochat.stages.chat_cli import stream_reply
+    tok = tiny_tokenizer
+    sp = tok.encode_special
+    reply = (tok.encode("Let me check. ") + [sp("<|python_start|>")] + tok.encode("'strawberry'.count('r')")
+             + [sp("<|python_end|>"), sp("<|output_start|>")] + tok.encode("3") + [sp("<|output_end|>")]
+             + tok.encode("So 3."))
+    out = io.StringIO()
+    args = SimpleNamespace(seed=0, max_tokens=64, temperature=0.0, top_k=None)
+    assert stream_reply(_ScriptedEngine(tok, reply), tok, [1], args, out=out) == reply
+    assert out.getvalue() == "Let me check. [python] 'strawberry'.count('r') -> 3\nSo 3.\n"
+    assert "<|" not in out.getvalue()
+
+
+def test_context_is_shown_and_trimming_is_announced(tiny_home, monkeypatch, capsys):
+    import io
+    from picochat.stages import chat_cli
+    long_line = "the quick brown fox jumps over the lazy dog " * 6  # the tiny model's context is 64 tokens
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{long_line}\n{long_line}\nexit\n"))
+    assert chat_cli.main(["-m", "8", "--seed", "0", "--device-type", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "context 64 tokens" in err
+    assert "of the oldest were dropped" in err, err

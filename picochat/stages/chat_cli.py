@@ -8,8 +8,10 @@ Talk to a model in the terminal, with streaming output.
     picochat chat -i sft -g d12 -s 800 --device-type cpu
 
 Commands in interactive mode: `clear` starts a new conversation, `exit` / `quit` (or Ctrl-D) leaves;
-empty input is ignored. Long conversations never crash: the engine drops the oldest turns (keeping the
-first one) when the context fills up (see picochat/engine.py).
+empty input is ignored. The model's context length is shown at start. A conversation that outgrows it keeps
+going: the engine drops the oldest turns (keeping the first one), and the chat says how many tokens were
+dropped. (`picochat serve` refuses such a request with a 400 instead, unless started with --truncate-prompts.)
+Tool calls print readably, e.g. `[python] 'strawberry'.count('r') -> 3`, never as special-token markup.
 """
 import sys
 import random
@@ -46,6 +48,9 @@ def stream_reply(engine, tokenizer, prompt, args, out=None) -> list:
     out = out or sys.stdout  # looked up per call: a default bound at import time goes stale when stdout is swapped
     streamer = TextStreamer(tokenizer)
     terminal = {engine.assistant_end, engine.bos}
+    # tool-call markers print as readable text: [python] code -> result
+    markers = {engine.python_start: "[python] ", engine.python_end: " -> ", engine.output_start: "",
+               engine.output_end: "\n"}
     seed = args.seed if args.seed is not None else random.randrange(2 ** 31)
     reply = []
     for column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
@@ -54,14 +59,15 @@ def stream_reply(engine, tokenizer, prompt, args, out=None) -> list:
         if token in terminal:
             break
         reply.append(token)
-        out.write(streamer.add(token))
+        out.write(streamer.finish() + markers[token] if token in markers else streamer.add(token))
         out.flush()
     out.write(streamer.finish() + "\n")
     out.flush()
     return reply
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="picochat chat", description="Chat with a picochat model in the terminal", formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="picochat chat", description="Chat with a picochat model in the terminal",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("-i", "--source", choices=("rl", "sft", "base"), default=None,
                         help="checkpoint stage (default: the latest available, rl > sft > base)")
     parser.add_argument("-g", "--model-tag", default=None, help="model tag, e.g. d12 (default: the largest)")
@@ -89,7 +95,9 @@ def main(argv=None):
         return 2
     engine = Engine(model, tokenizer, sandbox=args.sandbox)
     is_chat = source != "base"
-    print(f"Loaded the {source} model (step {meta.get('step')}, {model.config.n_layer} layers) on {rt.device}. "
+    print(f"Loaded the {source} model (step {meta.get('step')}, {model.config.n_layer} layers) on {rt.device}, "
+          f"context {engine.sequence_len} tokens (a reply takes up to {min(args.max_tokens, engine.sequence_len // 2)})."
+          " "
           + ("Chat mode." if is_chat else "Base model: plain-text continuation, no chat tokens."), file=sys.stderr)
 
     messages = []
@@ -97,6 +105,10 @@ def main(argv=None):
         if is_chat:
             messages.append({"role": "user", "content": text})
             prompt = engine.chat_prompt(messages, args.max_tokens)
+            whole = len(tokenizer.render_conversation({"messages": messages}, max_tokens=1 << 62)[0]) + 1
+            if whole > len(prompt):
+                print(f"(the conversation is {whole} tokens; the {engine.sequence_len}-token context kept "
+                      f"{len(prompt)}: {whole - len(prompt)} of the oldest were dropped)", file=sys.stderr)
             reply = stream_reply(engine, tokenizer, prompt, args)
             messages.append({"role": "assistant", "content": tokens_to_parts(reply, tokenizer) or ""})
         else:
