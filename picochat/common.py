@@ -6,15 +6,15 @@ Everything else in picochat imports from here; this module imports nothing of ou
 import os
 import sys
 import json
+import time
 import argparse
 import logging
+import platform
+import resource
 import tempfile
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-import time
-import platform
-import resource
 
 import torch
 import torch.distributed as dist
@@ -99,7 +99,7 @@ def warn0(msg: str):
         logger.warning(msg)
 
 # -----------------------------------------------------------------------------
-# Device and precision
+# Command-line helpers shared by the stages
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every stage's --help: the module docstring's layout kept, and each flag's default shown unless its help
@@ -120,6 +120,9 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+# -----------------------------------------------------------------------------
+# Device and precision
 
 DEVICE_TYPES = ("cuda", "cpu", "mps")
 

@@ -53,12 +53,12 @@ def resume_step(resume, ckpt_dir, master=True):
                                      f"no complete checkpoint in {ckpt_dir}, starting fresh"))
         if step is not None:
             return step
-    elif resume is not None:
-        if not ckpt.is_complete(ckpt_dir, resume):
-            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint at step {resume} in {ckpt_dir} "
-                                    f"(complete steps: {[s for s in ckpt.list_steps(ckpt_dir) if ckpt.is_complete(ckpt_dir, s)]})")
-        return resume
     existing = [s for s in ckpt.list_steps(ckpt_dir) if ckpt.is_complete(ckpt_dir, s)]
+    if resume not in (None, "auto"):
+        if resume not in existing:
+            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint at step {resume} in {ckpt_dir} "
+                                    f"(complete steps: {existing})")
+        return resume
     if existing:
         raise ValueError(f"{ckpt_dir} already holds checkpoints of an earlier run (steps {existing}). Pass "
                          "--resume auto to continue it, choose another --model-tag, or delete that directory to "
@@ -166,10 +166,8 @@ def optimizer_step(optimizer, scaler=None):
         optimizer.step()
         return True
     scaler.unscale_(optimizer)
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    bad = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
-    for g in grads:
-        bad = torch.maximum(bad, (~torch.isfinite(g)).any().float())
+    finite = [torch.isfinite(p.grad).all() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    bad = (~torch.stack(finite).all()).float() if finite else torch.zeros(())
     if all_reduce(bad, dist.ReduceOp.MAX).item() > 0:
         scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
         return False

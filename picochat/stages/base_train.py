@@ -345,7 +345,7 @@ def main(argv=None):
 
     # ---- loop state ----
     loop = {"smooth_train_loss": 0.0, "min_val_bpb": None, "total_training_time": 0.0, "val_bpb": None,
-            **(record.loop if record else {})}
+            "skipped_steps": 0, **(record.loop if record else {})}
     step = start_step or 0
     core_result = None
     first_step_of_process = True
@@ -427,7 +427,7 @@ def main(argv=None):
         set_schedule(optimizer, lrm, momentum=muon_momentum(step, n_sched, args.warmdown_ratio),
                      muon_weight_decay=muon_weight_decay(step, n_sched, d["weight_decay"]))
         if args.skip_nonfinite and not loss_is_finite(loss_sum):  # checked before the step: one more sync
-            loop["skipped_steps"] = loop.get("skipped_steps", 0) + 1
+            loop["skipped_steps"] += 1
             warn0(f"step {step}: NaN/inf loss, optimizer step dropped (--skip-nonfinite; {loop['skipped_steps']} so far)")
         else:
             optimizer_step(optimizer, scaler)
