@@ -136,8 +136,10 @@ class _RowState:
         self.completed = False
 
 class Engine:
-    def __init__(self, model, tokenizer, sandbox: bool = False, sandbox_timeout: float = 5.0, decode_dtype=None):
-        """decode_dtype: e.g. torch.bfloat16 to decode with a bf16-weight copy of the model (the prompt is still
+    def __init__(self, model, tokenizer, sandbox: bool | str = False, sandbox_timeout: float = 5.0, decode_dtype=None):
+        """sandbox: False = the python tool only calculates; True = it also runs code in picochat.sandbox's default
+        mode; "kernel" or "unsafe" = in that mode.
+        decode_dtype: e.g. torch.bfloat16 to decode with a bf16-weight copy of the model (the prompt is still
         prefilled by `model`); faster where decode is bound by reading the weights, and not bit-identical to
         decoding with `model`. None = decode with `model`."""
         self.model = model
@@ -230,7 +232,8 @@ class Engine:
         """Calculator first; the sandbox (when enabled) for anything else. None = nothing to force."""
         result = use_calculator(expr)
         if result is None and self.sandbox and expr.strip():
-            r = execute_code(_sandbox_program(expr), timeout=self.sandbox_timeout)
+            mode = self.sandbox if isinstance(self.sandbox, str) else None
+            r = execute_code(_sandbox_program(expr), timeout=self.sandbox_timeout, mode=mode)
             result = r.stdout.rstrip("\n") if r.success else (r.error or "error")
             result = result[:1000]
         return result

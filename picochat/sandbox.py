@@ -1,51 +1,49 @@
 """
-Run untrusted Python (model-written code: HumanEval completions, the engine's python tool)
-in a throwaway subprocess and report what happened.
+Run untrusted Python (model-written code: HumanEval completions, the engine's python tool) and report
+what happened.
 
     from picochat.sandbox import execute_code
     r = execute_code("print(1 + 1)")            # ExecutionResult(success=True, stdout='2\\n', ...)
-    r = execute_code("while True: pass", timeout=1.0)   # r.timeout is True, the process group was killed
+    r = execute_code("while True: pass", timeout=1.0)   # r.timeout is True, everything was killed
 
-What it does (layers, outermost first):
-  * a fresh interpreter `sys.executable -I -B` (isolated mode: no user site, PYTHON* env ignored,
-    cwd not on sys.path) in its own session/process group, so on timeout or output overflow the
-    WHOLE group is SIGKILLed (SIGKILL cannot be caught or ignored: signal tampering does not help);
-  * wall-clock timeout enforced by the parent; RLIMIT_CPU as a second stop;
-  * resource limits set before the user code runs: RLIMIT_AS and RLIMIT_DATA (memory; a big
-    allocation raises MemoryError -> memory_exceeded=True), RLIMIT_FSIZE (file size),
-    RLIMIT_NPROC=0 (no new processes, and for a non-root user no new threads either; NOTE the kernel
-    ignores it for root), RLIMIT_CORE=0;
-  * a fresh temporary working directory, removed afterwards;
-  * a scrubbed environment (only PATH), stdin = /dev/null, stdout/stderr captured and capped;
-  * a guard prelude: a PEP 578 audit hook (it cannot be removed from Python code) that refuses
-    process creation (fork, exec, spawn, system, subprocess), signalling other processes, sockets,
-    ctypes and the low-level process/ffi modules, writes/deletes/renames/chmods outside the temp
-    dir, reading /proc of other processes, rlimit changes, and gc/frame introspection that could
-    reach the guard; plus the reference's "reliability guard" (dangerous os/shutil/subprocess/
-    signal functions set to None), so most attempts fail early with a clear error;
-  * the user code runs via compile/exec with fresh globals, so it does not see the guard's names.
+The boundary is the Linux kernel, not Python: the code runs in a child (picochat/sandbox_child.py) that
+confines itself with user, mount, pid, net, ipc, uts and cgroup namespaces, a read-only view of the whole
+filesystem, no capabilities and a seccomp filter before the code's first byte runs. Whatever the code
+does (ctypes, raw syscalls, dir_fd tricks, monkeypatched builtins), this holds:
+  * no write, delete, rename, truncate, device or fifo creation outside its scratch dir, by any syscall
+    path (every mount is read-only; the scratch dir is a size-limited tmpfs that vanishes with the call);
+  * no new processes (fork/vfork/exec/clone-without-CLONE_THREAD are refused by seccomp), and nothing it
+    starts outlives the call (it is pid 1 of its own pid namespace; the kernel kills the namespace when
+    it ends, and the parent SIGKILLs the launcher's process group on timeout or output overflow);
+  * no signal reaches, and no /proc, environment or memory is readable of, any process outside it
+    (other processes have no pid in its namespace, /proc is private, ptrace and process_vm_* refused,
+    and it starts with an environment of PATH only);
+  * no network: an empty network namespace, and socket() refused (so host unix sockets are out of reach);
+  * limits: wall clock (parent), RLIMIT_CPU, RLIMIT_AS/DATA (memory), RLIMIT_FSIZE and the tmpfs size
+    (disk), RLIMIT_NOFILE, and stdout/stderr capped at max_output_bytes (the rest is never buffered).
+It does not hide what the calling user may READ elsewhere on the filesystem (it sees the host's files,
+read-only), nor defend against kernel exploits; for hostile multi-tenant workloads use a VM.
 
-What it does NOT isolate (this is defence in depth, NOT a security boundary like a container,
-a VM, gVisor or seccomp; run real untrusted workloads inside one of those):
-  * it runs as the caller's user (as root when you are root, where RLIMIT_NPROC does not apply);
-  * READS of any file the user can read (source trees, world-readable config, /etc/passwd ...);
-  * CPU and memory use up to the limits, and the host's load while it runs;
-  * kernel or interpreter exploits (a crafted code object or a C-extension bug can crash the child
-    or bypass the audit hook, which only sees what CPython reports);
-  * C extensions already importable from site-packages doing their own syscalls;
-  * timing side channels; DNS/network via modules not going through the socket audit events
-    (none in the stdlib, but a third-party extension could);
-  * the parent only reads the first `max_output_bytes` of output; the rest is discarded.
+Why this and not bubblewrap/nsjail or Landlock: those are not installed by pip and not on every machine;
+unprivileged namespaces + mount_setattr (Linux >= 5.12) + seccomp are in every mainstream kernel and cover
+filesystem, processes, signals and network in one place, from the standard library. Requirements: Linux
+x86_64 or aarch64, unprivileged user namespaces enabled. Where they are missing, execute_code raises
+SandboxUnavailable naming what failed, unless the caller opts into mode="unsafe" (or PICOCHAT_SANDBOX=unsafe):
+a plain subprocess with rlimits, a scrubbed environment and a throwaway directory, which the code can escape.
 """
 import os
 import sys
+import json
 import time
 import shutil
 import signal
 import selectors
 import tempfile
 import subprocess
+import threading
 from dataclasses import dataclass
+
+from picochat import sandbox_child
 
 # -----------------------------------------------------------------------------
 
@@ -60,122 +58,73 @@ class ExecutionResult:
     returncode: int | None = None
     output_truncated: bool = False
 
-# The guard runs first in the child. Placeholders are filled with repr()'d values, so the user code
-# (also repr()'d) survives any quotes, backslashes or braces byte for byte.
-_GUARD = r'''
-import os, sys, builtins
-_TMP = os.path.realpath(os.getcwd())
-_MEM = __MEM__
-_FSIZE = __FSIZE__
-_CPU = __CPU__
-def _limits():
-    import resource
-    def lim(name, value):
-        r = getattr(resource, name, None)
-        if r is None:
-            return
-        try:
-            resource.setrlimit(r, (value, value))
-        except (ValueError, OSError):
-            pass
-    if sys.platform != "darwin":  # macOS rejects RLIMIT_AS
-        lim("RLIMIT_AS", _MEM)
-        lim("RLIMIT_DATA", _MEM)
-    lim("RLIMIT_FSIZE", _FSIZE)
-    lim("RLIMIT_CPU", _CPU)
-    lim("RLIMIT_CORE", 0)
-    lim("RLIMIT_NPROC", 0)
-_limits()
-del _limits
-os.environ["OMP_NUM_THREADS"] = "1"
-os.environ["TMPDIR"] = _TMP  # tempfile works, inside the sandbox directory
-import faulthandler, shutil, subprocess, signal  # imported before the hook (they need _posixsubprocess ...)
-faulthandler.disable()
+class SandboxUnavailable(RuntimeError):
+    """The kernel facilities kernel mode needs are missing; the message names the failed step and the fix."""
 
-def _make_hook(tmp):
-    # Everything the hook needs is bound here, in immutable containers.
-    from os.path import realpath, join, isabs
-    from os import getcwd, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_APPEND
-    WRITE_FLAGS = O_WRONLY | O_RDWR | O_CREAT | O_TRUNC | O_APPEND
-    DENY = frozenset((
-        "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty", "os.kill",
-        "os.killpg", "subprocess.Popen", "pty.spawn", "os.startfile", "os.chroot", "os.setuid",
-        "resource.setrlimit", "resource.prlimit", "gc.get_objects", "gc.get_referrers",
-        "gc.get_referents", "sys._current_frames", "sys.settrace", "sys.setprofile",
-        "urllib.Request", "ftplib.connect", "smtplib.connect", "poplib.connect", "imaplib.open",
-        "telnetlib.Telnet.open", "webbrowser.open", "os.add_dll_directory", "sys.addaudithook",
-        "os.link", "os.symlink", "shutil.chown", "os.chflags", "os.lchflags",
-    ))
-    DENY_PREFIX = ("socket.", "ctypes.", "_ctypes", "mmap", "syslog.", "winreg.")
-    DENY_IMPORT = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "socket", "_socket", "pty",
-                             "resource", "multiprocessing", "_multiprocessing", "ssl", "_ssl",
-                             "mmap", "fcntl", "termios", "_xxsubinterpreters"))
-    PATH_EVENTS = frozenset(("os.remove", "os.rmdir", "os.rename", "os.truncate", "os.chmod",
-                             "os.chown", "os.mkdir", "os.chdir", "os.utime", "os.setxattr",
-                             "os.removexattr", "shutil.rmtree", "shutil.move", "shutil.copyfile",
-                             "shutil.copytree", "os.mkfifo", "os.mknod"))
-    def inside(p):
-        if isinstance(p, int):
-            return True  # an fd the process already holds
-        if isinstance(p, bytes):
-            p = p.decode("utf-8", "surrogateescape")
-        p = str(p)
-        if not isabs(p):
-            p = join(getcwd(), p)
-        p = realpath(p)
-        return p == tmp or p.startswith(tmp + "/") or p == "/dev/null"
-    def hook(event, args):
-        if event in DENY or event.startswith(DENY_PREFIX):
-            raise PermissionError(f"sandbox: {event} is not allowed")
-        if event == "import":
-            if args[0].split(".")[0] in DENY_IMPORT:
-                raise ImportError(f"sandbox: import of {args[0]} is not allowed")
-        elif event == "open":
-            path, mode, flags = args[0], args[1], args[2]
-            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & WRITE_FLAGS)
-            if writes and not inside(path):
-                raise PermissionError(f"sandbox: writing {path!r} outside the sandbox directory")
-            if isinstance(path, (str, bytes)):
-                s = path.decode("utf-8", "replace") if isinstance(path, bytes) else path
-                if s.startswith("/proc/") and not (s.startswith("/proc/self/") or s.startswith(f"/proc/{os.getpid()}/")):
-                    raise PermissionError("sandbox: reading other processes' /proc entries is not allowed")
-        elif event in PATH_EVENTS:
-            for p in args[:2]:
-                if isinstance(p, (str, bytes, os.PathLike)) and not inside(os.fspath(p)):
-                    raise PermissionError(f"sandbox: {event} outside the sandbox directory")
-    return hook
-sys.addaudithook(_make_hook(_TMP))
-del _make_hook
+MODES = ("kernel", "unsafe")
+UNSAFE_WARNING = "UNSAFE sandbox: model-written code runs WITHOUT isolation (only rlimits and a temp dir)"
+_probe_lock = threading.Lock()
+_probe_result: list = []  # [None] when kernel mode works, [message] when it does not; computed once
 
-# The reference's reliability guard: fail early and obviously on the common dangerous calls.
-# (File removal/rename/chmod stay available: the hook confines them to the sandbox directory, and tempfile
-# needs them.)
-for _name in ("kill", "system", "putenv", "fchdir", "setuid", "setgid", "fork", "forkpty", "killpg", "chroot",
-              "fchown", "chown", "lchown", "lchflags", "execv", "execve",
-              "execvp", "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve",
-              "spawnl", "spawnle", "spawnvp", "spawnvpe", "spawnlp", "spawnlpe", "posix_spawn",
-              "posix_spawnp", "popen", "setsid", "setpgid", "plock"):
-    if hasattr(os, _name):
-        setattr(os, _name, None)
-shutil.rmtree = shutil.move = shutil.chown = None
-subprocess.Popen = subprocess.call = subprocess.run = subprocess.check_output = subprocess.check_call = None
-subprocess.getoutput = subprocess.getstatusoutput = None
-signal.signal = signal.alarm = signal.setitimer = signal.pthread_kill = signal.pthread_sigmask = None
-signal.siginterrupt = signal.sigwait = None
-builtins.help = None
-for _m in ("ipdb", "joblib", "resource", "psutil", "tkinter", "ctypes", "_ctypes", "_posixsubprocess"):
-    sys.modules[_m] = None
-del _name, _m, _TMP, _MEM, _FSIZE, _CPU
+def default_mode() -> str:
+    mode = os.environ.get("PICOCHAT_SANDBOX", "kernel")
+    if mode not in MODES:
+        raise SandboxUnavailable(f"PICOCHAT_SANDBOX={mode!r} is not a sandbox mode; use one of {', '.join(MODES)}")
+    return mode
 
-_code = compile(__CODE__, "<sandbox>", "exec")
-exec(_code, {"__name__": "__main__", "__builtins__": builtins})
-'''
+def kernel_isolation_missing() -> str | None:
+    """None when kernel mode works on this machine, else what is missing (the probe runs once per process)."""
+    with _probe_lock:
+        if not _probe_result:
+            if not sys.platform.startswith("linux"):
+                _probe_result.append(f"kernel isolation needs Linux (this is {sys.platform})")
+            else:
+                r = _run("pass", "kernel", 10.0, 64 << 20, 4096, 1 << 20)
+                _probe_result.append(_setup_failure(r))
+        return _probe_result[0]
 
-def _build_program(code: str, maximum_memory_bytes: int, max_file_bytes: int, cpu_seconds: int) -> str:
-    return (_GUARD.replace("__MEM__", repr(int(maximum_memory_bytes)))
-                  .replace("__FSIZE__", repr(int(max_file_bytes)))
-                  .replace("__CPU__", repr(int(cpu_seconds)))
-                  .replace("__CODE__", repr(code)))
+def describe(mode: str) -> str:
+    """One line for the logs of chat-eval and chat: which mode runs the code."""
+    if mode == "unsafe":
+        return UNSAFE_WARNING
+    return "sandbox: kernel-enforced (namespaces, read-only filesystem, no processes/network, seccomp)"
+
+def require(mode: str | None = None) -> str:
+    """Resolve the mode and make sure it can run here; raises SandboxUnavailable with the fix otherwise."""
+    mode = mode or default_mode()
+    if mode not in MODES:
+        raise SandboxUnavailable(f"unknown sandbox mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "kernel":
+        missing = kernel_isolation_missing()
+        if missing:
+            raise SandboxUnavailable(
+                f"the code sandbox cannot isolate code on this machine ({missing}); enable unprivileged user "
+                "namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces>0; in a "
+                "container allow unshare/mount in its seccomp/AppArmor profile), or accept running model code "
+                "unconfined with --unsafe-sandbox / PICOCHAT_SANDBOX=unsafe")
+    return mode
+
+def add_unsafe_flag(parser):
+    parser.add_argument("--unsafe-sandbox", action="store_true",
+                        help="run model-written code WITHOUT kernel isolation (only where namespaces are unavailable)")
+
+def mode_for_cli(parser, unsafe: bool, log=print) -> str:
+    """A stage's sandbox mode from its --unsafe-sandbox flag: logs which mode runs, or exits 2 with the fix."""
+    try:
+        mode = require("unsafe" if unsafe else None)
+    except SandboxUnavailable as e:
+        parser.error(str(e))
+    log(describe(mode))
+    return mode
+
+def _setup_failure(r: ExecutionResult) -> str | None:
+    if r.returncode == sandbox_child.SETUP_FAILED:
+        for line in r.stderr.splitlines():
+            if line.startswith("picochat-sandbox-setup-failed: "):
+                return line.split(": ", 1)[1]
+    if not r.success:
+        return f"the sandbox probe failed: {r.error}"
+    return None
 
 def _kill_group(proc):
     try:
@@ -188,22 +137,31 @@ def _kill_group(proc):
         pass
 
 def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: int = 256 * 1024 * 1024,
-                 max_output_bytes: int = 1024 * 1024, max_file_bytes: int = 16 * 1024 * 1024) -> ExecutionResult:
-    """Run `code` in a sandboxed subprocess; never raises for anything the code does."""
+                 max_output_bytes: int = 1024 * 1024, max_file_bytes: int = 16 * 1024 * 1024,
+                 mode: str | None = None) -> ExecutionResult:
+    """Run `code` confined (see the module docstring); never raises for anything the code does.
+    mode: "kernel" (default; SandboxUnavailable if this machine cannot), or "unsafe" (no isolation)."""
     if not isinstance(code, str):
         raise TypeError(f"execute_code expects the program text as str, got {type(code).__name__}")
+    mode = require(mode)
+    return _run(code, mode, timeout, maximum_memory_bytes, max_output_bytes, max_file_bytes)
+
+def _run(code, mode, timeout, maximum_memory_bytes, max_output_bytes, max_file_bytes) -> ExecutionResult:
     tmpdir = tempfile.mkdtemp(prefix="picochat_sandbox_")
     try:
-        program = _build_program(code, maximum_memory_bytes, max_file_bytes, int(timeout) + 2)
-        script = os.path.join(tmpdir, ".sandbox_main.py")
-        with open(script, "w", encoding="utf-8") as f:
-            f.write(program)
+        program = os.path.join(tmpdir, ".program.py")
+        with open(program, "w", encoding="utf-8") as f:
+            f.write(code)
+        config = dict(program=program, scratch=tmpdir, mode=mode, memory_bytes=int(maximum_memory_bytes),
+                      file_bytes=int(max_file_bytes), cpu_seconds=int(timeout) + 2,
+                      scratch_bytes=max(int(max_file_bytes) * 4, 1 << 20))
+        # -I: isolated (no user site, PYTHON* env ignored, cwd not on sys.path); -B: no .pyc writes
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", script], cwd=tmpdir, env={"PATH": "/usr/bin:/bin"},
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, close_fds=True)
+            [sys.executable, "-I", "-B", sandbox_child.__file__, json.dumps(config)], cwd=tmpdir,
+            env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
         out, err, timed_out, truncated = _collect(proc, timeout, max_output_bytes)
-        _kill_group(proc)  # leftovers of the group, if anything escaped the fork barrier
+        _kill_group(proc)  # the launcher's group; in kernel mode its death also ends the pid namespace
         returncode = proc.wait()
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

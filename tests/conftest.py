@@ -30,6 +30,24 @@ TINY_CORPUS = [
     "She said, 'I'll go if you're going, and we've time.'",
 ]
 
+@pytest.fixture(autouse=True, scope="session")
+def sandbox_mode():
+    """Stages that run model code (chat-eval's HumanEval, chat-sft's ChatCORE, the python tool) refuse where the kernel
+    cannot isolate it. On such a machine the tests of those stages opt into the unsafe mode (the programs they run
+    are the tests' own); tests/test_sandbox.py skips its containment tests there, saying why."""
+    from picochat import sandbox
+    missing = sandbox.kernel_isolation_missing()
+    if missing:
+        os.environ["PICOCHAT_SANDBOX"] = "unsafe"
+    yield "unsafe" if missing else "kernel"
+
+
+def pytest_report_header(config):
+    from picochat import sandbox
+    missing = sandbox.kernel_isolation_missing()
+    return f"sandbox: {'kernel isolation' if not missing else 'UNSAFE mode for stage tests: ' + missing}"
+
+
 @pytest.fixture
 def picochat_home(tmp_path, monkeypatch):
     """A fresh artifact root for one test; no test touches ~/.cache/picochat."""

@@ -74,6 +74,15 @@ def test_interactive_via_stdin(tiny_home, tiny_tokenizer, monkeypatch, capsys):
     assert third == "<|bos|><|user_start|>what now?<|user_end|><|assistant_start|>"
 
 
+def test_sandbox_mode_is_announced(tiny_home, capsys, sandbox_mode):
+    from picochat.stages.chat_cli import main
+    assert main(["-p", "hi", "-m", "4", "--seed", "0", "--device-type", "cpu", "--sandbox"]) == 0
+    err = capsys.readouterr().err
+    assert ("kernel-enforced" in err) if sandbox_mode == "kernel" else ("UNSAFE" in err)
+    assert main(["-p", "hi", "-m", "4", "--seed", "0", "--device-type", "cpu", "--unsafe-sandbox"]) == 0
+    assert "UNSAFE sandbox" in capsys.readouterr().err
+
+
 def test_base_model_continuation_in_process(tiny_home, capsys):
     from picochat.stages.chat_cli import main
     assert main(["-i", "base", "-p", "The quick", "-m", "5", "--seed", "0", "--device-type", "cpu"]) == 0

@@ -19,6 +19,7 @@ import argparse
 
 import torch
 
+from picochat import sandbox
 from picochat.common import HelpFormatter, compute_init
 from picochat.checkpoint import latest_source, load_model
 from picochat.engine import Engine, TextStreamer
@@ -79,6 +80,7 @@ def main(argv=None):
     parser.add_argument("-m", "--max-tokens", type=int, default=256, help="max new tokens per reply")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per reply)")
     parser.add_argument("--sandbox", action="store_true", help="let the python tool run code in the sandbox")
+    sandbox.add_unsafe_flag(parser)
     parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
     args = parser.parse_args(argv)
     if args.temperature < 0:
@@ -86,6 +88,9 @@ def main(argv=None):
     if args.max_tokens < 1:
         parser.error("--max-tokens must be >= 1")
 
+    sandbox_mode = False
+    if args.sandbox or args.unsafe_sandbox:  # --unsafe-sandbox alone also turns the tool's code execution on
+        sandbox_mode = sandbox.mode_for_cli(parser, args.unsafe_sandbox, log=lambda s: print(s, file=sys.stderr))
     rt = compute_init(args.device_type)
     try:
         source = args.source or latest_source(args.model_tag)
@@ -93,7 +98,7 @@ def main(argv=None):
     except FileNotFoundError as e:
         print(f"picochat chat: error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(model, tokenizer, sandbox=args.sandbox)
+    engine = Engine(model, tokenizer, sandbox=sandbox_mode)
     is_chat = source != "base"
     print(f"Loaded the {source} model (step {meta.get('step')}, {model.config.n_layer} layers) on {rt.device}, "
           f"context {engine.sequence_len} tokens (a reply takes up to {min(args.max_tokens, engine.sequence_len // 2)})."

@@ -16,10 +16,10 @@ Examples:
 """
 import argparse
 
-from picochat import checkpoint, report
+from picochat import checkpoint, report, sandbox
 from picochat.common import HelpFormatter, compute_init, fill_sized_defaults, compute_cleanup, print0, get_base_dir, atomic_write_json
 from picochat.engine import Engine
-from picochat.tasks import EVAL_TASKS
+from picochat.tasks import EVAL_TASKS, HumanEval
 from picochat.task_eval import ALL_TASKS, evaluate_tasks, chatcore
 
 # (CUDA, CPU/MPS) defaults: every problem of every task with 512-token answers takes hours on a CPU, so CPU and
@@ -47,12 +47,16 @@ def main(argv=None):
                    help=f"at most this many problems per task, -1 = all (default: all on CUDA, "
                         f"{SIZED['max_problems'][1]} on CPU/MPS)")
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    sandbox.add_unsafe_flag(p)
     args = p.parse_args(argv)
 
     task_names = ALL_TASKS if args.task_name is None else [t.strip() for t in args.task_name.split("|") if t.strip()]
     unknown = [t for t in task_names if t not in EVAL_TASKS]
     if unknown:
         p.error(f"unknown task(s) {unknown}; choose from {'|'.join(ALL_TASKS)}")
+    tasks = {}
+    if "HumanEval" in task_names:  # say (or refuse) how model-written code will run before loading anything
+        tasks["HumanEval"] = HumanEval(sandbox_mode=sandbox.mode_for_cli(p, args.unsafe_sandbox, log=print0))
 
     rt = compute_init(args.device_type)
     for line in fill_sized_defaults(args, rt.device_type, SIZED):
@@ -65,7 +69,7 @@ def main(argv=None):
     engine = Engine(model, tokenizer)
 
     results = evaluate_tasks(model, tokenizer, engine, task_names, args.batch_size, args.num_samples,
-                             args.max_new_tokens, args.temperature, args.top_k, args.max_problems)
+                             args.max_new_tokens, args.temperature, args.top_k, args.max_problems, tasks=tasks)
     core = chatcore(results)
 
     print0(f"\n{'task':<16}{'accuracy':>10}")

@@ -33,12 +33,12 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from picochat import checkpoint, report
+from picochat import checkpoint, report, sandbox
 from picochat.common import (HelpFormatter, all_reduce, compute_init, fill_sized_defaults, compute_cleanup, print0, init_wandb, logger,
                              synchronize, max_memory_allocated, long_run_notice)
 from picochat.engine import Engine
 from picochat.loss_eval import evaluate_bpb
-from picochat.tasks import build_mixture, DEFAULT_SFT_MIXTURE, DEFAULT_VAL_MIXTURE
+from picochat.tasks import build_mixture, DEFAULT_SFT_MIXTURE, DEFAULT_VAL_MIXTURE, HumanEval
 from picochat.task_eval import ALL_TASKS, evaluate_tasks, chatcore
 from picochat.run_record import RunRecord
 from picochat.train_loop import (add_nonfinite_flag, add_resume_flag, due, evaluating, fault_hook,
@@ -228,7 +228,11 @@ def parse_args(argv):
     add_nonfinite_flag(p)
     p.add_argument("--log-every", type=int, default=1, help='print and log the loss every N steps')
     p.add_argument("--compile", type=int, default=1, help="torch.compile the training model (CUDA only)")
-    return p.parse_args(argv)
+    sandbox.add_unsafe_flag(p)
+    args = p.parse_args(argv)
+    # ChatCORE runs HumanEval's model-written programs: say (or refuse) how, before any expensive work
+    args.sandbox_mode = sandbox.mode_for_cli(p, args.unsafe_sandbox, log=print0) if args.chatcore_every else None
+    return args
 
 def main(argv=None):
     args = parse_args(argv)
@@ -314,7 +318,7 @@ def main(argv=None):
                (num_iterations <= 0 and loader.consumed >= len(train_ds))
         return bool(all_reduce(torch.tensor(int(last), device=device), dist.ReduceOp.MAX).item())
 
-    eval_task_cache = {}
+    eval_task_cache = {"HumanEval": HumanEval(sandbox_mode=args.sandbox_mode)} if args.sandbox_mode else {}
     last_step = is_last(step)
     while True:
         # --- evaluation (orig model, eval mode)

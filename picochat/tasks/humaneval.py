@@ -31,8 +31,10 @@ def extract_program(completion: str) -> str:
 
 class HumanEval(RowsTask):
 
-    def __init__(self, **kwargs):
+    def __init__(self, sandbox_mode: str | None = None, **kwargs):
+        """sandbox_mode: how the programs run, "kernel" or "unsafe" (None: picochat.sandbox's default)."""
         super().__init__(**kwargs)
+        self.sandbox_mode = sandbox_mode
         self.set_rows(load_rows("humaneval/HumanEval.jsonl.gz", ("openai/openai_humaneval", "openai_humaneval", "test")))
 
     eval_type = "generative"
@@ -55,5 +57,5 @@ class HumanEval(RowsTask):
                 f"check({conversation['entry_point']})")
 
     def evaluate(self, conversation, completion: str) -> bool:
-        result = execute_code(self.build_program(conversation, completion))
+        result = execute_code(self.build_program(conversation, completion), mode=self.sandbox_mode)
         return bool(result.success)
