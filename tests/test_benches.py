@@ -64,3 +64,11 @@ def test_flex_attention_bench_at_toy_size(capsys):
     out = capsys.readouterr().out
     assert "speedup" in out and "max |flex - sdpa|" in out
     assert float(out.split("max |flex - sdpa| = ")[1].split()[0]) < 1e-4  # the same attention
+
+
+def test_sandbox_bench_at_toy_size(tmp_path, picochat_home, monkeypatch, capsys):
+    from tests.test_tasks import make_tiny_mirror
+    monkeypatch.setenv("PICOCHAT_MIRROR", str(make_tiny_mirror(tmp_path / "mirror")))
+    assert load("bench_sandbox").main(["--problems", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "unsafe" in out and out.count("2/2") >= 1  # the canonical solutions pass
