@@ -9,6 +9,12 @@ Layout (every stage: base, sft, rl):
         meta_<step:06d>.json                  self-describing meta, written LAST (rank 0, after a barrier)
         metrics.jsonl                         one JSON row per logged step (written by the training loop)
 
+Integrity: the meta records the SHA-256 of every tensor file ("sha256": {file name: hex}). Loading verifies the
+model file, resuming verifies every file; a mismatch (bit rot, a same-size overwrite, a bad copy) is a
+CorruptCheckpoint naming the file, and "the last checkpoint" skips corrupt ones with a warning (never "nothing to
+do" because of a corrupt final checkpoint). Stray *.tmp files from killed saves are removed when a training
+stage starts.
+
 Why meta last: every file is written to a temp name and renamed, so no file is ever half-written; and the
 meta is only published once every rank has renamed its files, so "meta exists" means "checkpoint complete".
 find_last_step() additionally checks that the model and every rank's optimizer file exist and parse, so a
@@ -35,7 +41,7 @@ from safetensors.torch import save_file, load_file
 from picochat import __version__, gpt
 from picochat.tokenizer import Tokenizer, get_tokenizer
 from picochat.common import (get_base_dir, atomic_path, atomic_write_json, get_dist_info, barrier,
-                             compute_dtype_for, logger)
+                             compute_dtype_for, logger, file_sha256, all_gather_json)
 
 STAGES = ("base", "sft", "rl")
 _META_RE = re.compile(r"^meta_(\d+)\.json$")
@@ -108,6 +114,9 @@ def latest_source(model_tag=None) -> str:
 # -----------------------------------------------------------------------------
 # Validation (used by find_last_step): cheap, never loads tensor data.
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file whose bytes do not match the SHA-256 its meta recorded."""
+
 def _valid_safetensors(path: Path) -> bool:
     """True if `path` has a parseable safetensors header and exactly the bytes the header promises."""
     try:
@@ -161,6 +170,43 @@ def find_last_step(ckpt_dir) -> int | None:
             return step
     return None
 
+def corrupt_files(ckpt_dir, step, optimizer=True) -> list[str]:
+    """Files of a complete checkpoint whose SHA-256 differs from the meta's record (the model's, and with
+    `optimizer` every rank's optimizer shard). Checkpoints from before hashes were recorded verify as clean."""
+    recorded = read_meta(ckpt_dir, step).get("sha256") or {}
+    names = [model_path(ckpt_dir, step).name]
+    if optimizer:
+        names += [n for n in recorded if n.startswith(f"optim_{step:06d}_")]
+    return [n for n in names if n in recorded and file_sha256(Path(ckpt_dir) / n) != recorded[n]]
+
+def verify_checkpoint(ckpt_dir, step, optimizer=True):
+    """Raise CorruptCheckpoint naming the damaged files and the checkpoints still good."""
+    bad = corrupt_files(ckpt_dir, step, optimizer)
+    if bad:
+        good = [s for s in list_steps(ckpt_dir) if s != step and is_complete(ckpt_dir, s)]
+        raise CorruptCheckpoint(f"checkpoint step {step} in {ckpt_dir} is corrupt: {', '.join(bad)} does not match the "
+                                f"SHA-256 in its meta (a damaged disk or copy). Use another step (complete: {good}), "
+                                f"or restore the file from a backup.")
+
+def find_last_good_step(ckpt_dir, optimizer=False) -> int | None:
+    """The newest complete checkpoint whose files verify; each corrupt newer one is skipped with a loud warning."""
+    for step in reversed(list_steps(ckpt_dir)):
+        if not is_complete(ckpt_dir, step):
+            continue
+        bad = corrupt_files(ckpt_dir, step, optimizer)
+        if not bad:
+            return step
+        logger.warning(f"CORRUPT checkpoint skipped: step {step} in {ckpt_dir} ({', '.join(bad)} does not match the "
+                       f"SHA-256 in its meta); falling back to an earlier one")
+    return None
+
+def remove_stray_temp_files(ckpt_dir):
+    """Temp files of saves that were killed midway (atomic_path names them <file>.<random>.tmp)."""
+    d = Path(ckpt_dir)
+    for p in list(d.glob("*.tmp")) + list(d.glob("tokenizer/*.tmp")):
+        logger.info(f"removing {p}, left by an interrupted save")
+        _remove(p)
+
 # -----------------------------------------------------------------------------
 # Saving
 
@@ -190,12 +236,17 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizer, meta: dict, keep_last
     _, rank, _, world_size = get_dist_info()
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)  # any rank may get here first
+    digests = {}
     if rank == 0:
         orig = getattr(model, "_orig_mod", model)  # never save the compiled wrapper
-        _save_tensors(model_path(ckpt_dir, step), _cpu_state(orig.state_dict()))
+        path = model_path(ckpt_dir, step)
+        _save_tensors(path, _cpu_state(orig.state_dict()))
+        digests[path.name] = file_sha256(path)
     if optimizer is not None:
-        _save_tensors(optim_path(ckpt_dir, step, rank), _cpu_state(optimizer.shard_state_dict()))
-    barrier()
+        path = optim_path(ckpt_dir, step, rank)
+        _save_tensors(path, _cpu_state(optimizer.shard_state_dict()))
+        digests[path.name] = file_sha256(path)  # each rank hashes its own file; rank 0 records them all
+    digests = {k: v for rank_digests in all_gather_json(digests) for k, v in rank_digests.items()}
     if os.environ.get("PICOCHAT_FAULT_SIGKILL_SAVE") == str(step):
         # fault injection for the atomicity test: die after the tensors, before the meta that completes them
         os.kill(os.getpid(), signal.SIGKILL)
@@ -204,6 +255,7 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizer, meta: dict, keep_last
         meta["step"] = step
         meta["world_size"] = world_size
         meta["has_optimizer"] = optimizer is not None
+        meta["sha256"] = digests
         meta.setdefault("picochat_version", __version__)
         meta.setdefault("tokenizer", tokenizer_reference())
         _copy_tokenizer_into(ckpt_dir)
@@ -308,17 +360,20 @@ def set_rng_state(state: dict):
 # -----------------------------------------------------------------------------
 # Loading
 
-def load_state(ckpt_dir, step, device) -> tuple[dict, dict]:
+def load_state(ckpt_dir, step, device, verify=True) -> tuple[dict, dict]:
     """(model state dict on CPU, meta). bf16/fp16 tensors are upcast to fp32 when the target is CPU/MPS
-    (slow or unsupported there); `_orig_mod.` prefixes are stripped."""
+    (slow or unsupported there); `_orig_mod.` prefixes are stripped. The model file's SHA-256 is checked against
+    the meta (CorruptCheckpoint) unless the caller has verified the checkpoint already."""
     ckpt_dir = Path(ckpt_dir)
     if step is None:
-        step = find_last_step(ckpt_dir)
+        step, verify = find_last_good_step(ckpt_dir), False
         if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+            raise FileNotFoundError(f"no complete, uncorrupted checkpoint in {ckpt_dir}")
     if not is_complete(ckpt_dir, step):
         raise FileNotFoundError(f"checkpoint step {step} in {ckpt_dir} is missing or incomplete "
                                 f"(complete steps: {[s for s in list_steps(ckpt_dir) if is_complete(ckpt_dir, s)]})")
+    if verify:
+        verify_checkpoint(ckpt_dir, step, optimizer=False)
     meta = read_meta(ckpt_dir, step)
     state = load_file(str(model_path(ckpt_dir, step)), device="cpu")
     device_type = torch.device(device).type
@@ -334,11 +389,11 @@ def load_optimizer_state(ckpt_dir, step, rank) -> dict:
                                 "the checkpoint was written with")
     return load_file(str(path), device="cpu")
 
-def load_model_from_dir(ckpt_dir, step, device, phase="eval"):
+def load_model_from_dir(ckpt_dir, step, device, phase="eval", verify=True):
     """(model, tokenizer, meta). The model is built for `device` in its compute dtype and loaded strictly."""
     assert phase in ("eval", "train"), f"phase must be 'eval' or 'train', got {phase!r}"
     device = torch.device(device)
-    state, meta = load_state(ckpt_dir, step, device)
+    state, meta = load_state(ckpt_dir, step, device, verify=verify)
     config = gpt.GPTConfig.from_dict(meta["model_config"])
     tokenizer = checkpoint_tokenizer(ckpt_dir)
     if tokenizer.get_vocab_size() != config.vocab_size:
@@ -349,10 +404,24 @@ def load_model_from_dir(ckpt_dir, step, device, phase="eval"):
     if ref.get("sha256") and not (Path(ckpt_dir) / "tokenizer").exists() and ref["sha256"] != tokenizer_reference()["sha256"]:
         logger.warning(f"tokenizer.json differs from the one this checkpoint was trained with ({ref})")
     model = gpt.build_model(config, device, compute_dtype_for(device.type))
+    check_state_shapes(model, state, ckpt_dir)
     # copy (not assign): values are cast into the parameters' own dtypes for this device
     model.load_state_dict(state, strict=True)
     model.train() if phase == "train" else model.eval()
     return model, tokenizer, meta
+
+def check_state_shapes(model, state: dict, where):
+    """A clear error, instead of load_state_dict's wall of text, when the weights do not fit the model the meta
+    describes (an edited meta, files mixed from two runs)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    problems = [f"{k}: weights {got[k]} vs model {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    problems += [f"{k}: missing from the weights" for k in expected if k not in got]
+    problems += [f"{k}: not in the model" for k in got if k not in expected]
+    if problems:
+        raise ValueError(f"the weights in {where} do not match the model its meta describes ({len(problems)} "
+                         f"problem(s): {'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}); the meta and "
+                         f"the weights come from different runs: restore the matching files or use another step")
 
 def load_model(source, device, phase="eval", model_tag=None, step=None):
     """Load from checkpoints/<source>/<tag>; tag defaults to the largest model, step to the last complete.
@@ -362,11 +431,12 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
         raise ValueError(f"unknown source {source!r}; expected one of {STAGES}")
     model_tag = find_tag(source, model_tag)
     ckpt_dir = checkpoint_dir(source, model_tag)
+    verify = step is not None  # an explicit step must verify; the default is the newest one that does
     if step is None:
-        step = find_last_step(ckpt_dir)
+        step = find_last_good_step(ckpt_dir)
         if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
-    model, tokenizer, meta = load_model_from_dir(ckpt_dir, step, device, phase)
+            raise FileNotFoundError(f"no complete, uncorrupted checkpoint in {ckpt_dir}")
+    model, tokenizer, meta = load_model_from_dir(ckpt_dir, step, device, phase, verify=verify)
     return model, tokenizer, {**meta, "source": source, "model_tag": model_tag, "step": step}
 
 # -----------------------------------------------------------------------------

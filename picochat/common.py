@@ -9,6 +9,7 @@ import json
 import time
 import argparse
 import logging
+import hashlib
 import platform
 import resource
 import tempfile
@@ -49,6 +50,11 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (checkpoints and shards are GBs)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 def atomic_write_text(path, text: str):
     with atomic_path(path) as tmp:
@@ -314,6 +320,23 @@ def compute_cleanup():
 def barrier():
     if dist_active():
         dist.barrier()
+
+def all_gather_json(value) -> list:
+    """[rank 0's value, rank 1's, ...] for any JSON value; collective (every rank calls it). The values travel
+    as JSON bytes in tensors (on the GPU under NCCL), never as pickles."""
+    if not dist_active():
+        return [value]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = torch.tensor(list(json.dumps(value).encode("utf-8")), dtype=torch.uint8, device=device)
+    world = dist.get_world_size()
+    n = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    padded = torch.zeros(max(1, int(max(s.item() for s in sizes))), dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    out = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return [json.loads(bytes(o[:int(s.item())].cpu().tolist()).decode("utf-8")) for o, s in zip(out, sizes)]
 
 def process_start_time() -> float:
     """Wall-clock time this process started (Linux: from /proc, so interpreter and torch start-up count too);

@@ -9,7 +9,6 @@ Cadence flags (--eval-every, --save-every, --core-metric-every, --sample-every, 
 in every stage: N > 0 = every N steps and at the end of training; -1 = only at the end; 0 = never.
 """
 import os
-import json
 import math
 import signal
 import argparse
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from picochat import checkpoint as ckpt, fp8
-from picochat.common import all_reduce, dist_active, print0, rank_world
+from picochat.common import all_gather_json, all_reduce, dist_active, print0
 
 # -----------------------------------------------------------------------------
 # --resume
@@ -47,8 +46,10 @@ def resume_step(resume, ckpt_dir, master=True):
     """The step to resume from (None = start fresh, with empty metrics), with the rule every stage shares: a fresh
     run refuses to write into a directory that already holds another run's complete checkpoints (a later
     --resume auto would pick those stale, higher-step ones up)."""
-    if resume == "auto":
-        step = ckpt.find_last_step(ckpt_dir)
+    if master:
+        ckpt.remove_stray_temp_files(ckpt_dir)
+    if resume == "auto":  # the newest checkpoint whose every file verifies; corrupt newer ones are skipped loudly
+        step = ckpt.find_last_good_step(ckpt_dir, optimizer=True)
         print0("--resume auto: " + (f"resuming from step {step}" if step is not None else
                                      f"no complete checkpoint in {ckpt_dir}, starting fresh"))
         if step is not None:
@@ -58,6 +59,7 @@ def resume_step(resume, ckpt_dir, master=True):
         if resume not in existing:
             raise FileNotFoundError(f"--resume {resume}: no complete checkpoint at step {resume} in {ckpt_dir} "
                                     f"(complete steps: {existing})")
+        ckpt.verify_checkpoint(ckpt_dir, resume, optimizer=True)
         return resume
     if existing:
         raise ValueError(f"{ckpt_dir} already holds checkpoints of an earlier run (steps {existing}). Pass "
@@ -71,8 +73,9 @@ def resume_step(resume, ckpt_dir, master=True):
 def restore(ckpt_dir, step, model, optimizer, device, world_size, rank, master):
     """Load everything exact resume needs from the step-`step` checkpoint: weights, this rank's optimizer
     shard, the RNG states; drop the metrics rows the resumed run will write again. -> the meta."""
-    state, meta = ckpt.load_state(ckpt_dir, step, device)
+    state, meta = ckpt.load_state(ckpt_dir, step, device, verify=False)  # resume_step verified every file
     ckpt.check_resume_compat(meta, model.config.to_dict(), world_size)
+    ckpt.check_state_shapes(model, state, ckpt_dir)
     model.load_state_dict(state, strict=True)
     del state
     optimizer.load_shard_state_dict(ckpt.load_optimizer_state(ckpt_dir, step, rank))
@@ -88,20 +91,8 @@ def restore(ckpt_dir, step, model, optimizer, device, world_size, rank, master):
 def gather_loader_states(state):
     """Every rank's loader state (any JSON value), in the checkpoint format. Collective: all ranks call it.
     The states travel as JSON bytes in tensors, not pickled objects."""
-    if rank_world()[1] == 1:
-        return {"world_size": 1, "ranks": [state]}
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    data = torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8, device=device)
-    world = dist.get_world_size()
-    n = torch.tensor([data.numel()], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    padded = torch.zeros(int(max(s.item() for s in sizes)), dtype=torch.uint8, device=device)
-    padded[:data.numel()] = data
-    out = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
-    ranks = [json.loads(bytes(o[:int(s.item())].cpu().tolist()).decode("utf-8")) for o, s in zip(out, sizes)]
-    return {"world_size": world, "ranks": ranks}
+    ranks = all_gather_json(state)
+    return {"world_size": len(ranks), "ranks": ranks}
 
 
 def rank_loader_state(saved, rank, world_size):

@@ -185,3 +185,68 @@ def test_find_largest_model_prefers_complete_runs(picochat_home):
     (stage / "d26").mkdir()  # a run that crashed before its first complete checkpoint
     (stage / "d26" / "model_000010.safetensors").write_bytes(b"partial")
     assert find_largest_model(stage) == "wide"
+
+
+def _garble_same_size(path):
+    """Overwrite the last 16 bytes (tensor data, not the header) with different bytes: same size, still parses."""
+    data = bytearray(path.read_bytes())
+    data[-16:] = bytes((b ^ 0xFF) for b in data[-16:])
+    path.write_bytes(bytes(data))
+
+
+def test_sha256_recorded_verified_and_corrupt_steps_skipped(ck, picochat_home, monkeypatch):
+    _save(ck, 2)
+    _save(ck, 4, model=Tiny(), opt=FakeOpt(1))
+    meta = json.loads((ck / "meta_000004.json").read_text())
+    assert set(meta["sha256"]) == {"model_000004.safetensors", "optim_000004_rank0.safetensors"}
+    assert ckpt.corrupt_files(ck, 4) == [] and ckpt.find_last_good_step(ck, optimizer=True) == 4
+    _garble_same_size(ck / "model_000004.safetensors")
+    assert ckpt.is_complete(ck, 4)  # the cheap structural check cannot see it ...
+    assert ckpt.corrupt_files(ck, 4) == ["model_000004.safetensors"]  # ... the hash does
+    with pytest.raises(ckpt.CorruptCheckpoint, match=r"step 4 .*model_000004\.safetensors.*complete: \[2\]"):
+        load_state(ck, 4, "cpu")  # an explicit step fails clearly
+    warnings = []
+    monkeypatch.setattr(ckpt.logger, "warning", lambda msg, *a, **k: warnings.append(msg))
+    state, meta = load_state(ck, None, "cpu")  # "the last one" falls back, loudly
+    assert meta["step"] == 2 and "CORRUPT checkpoint skipped: step 4" in warnings[0]
+    # an optimizer shard damaged: loading the model is fine, resuming is not
+    _save(ck, 6)
+    _garble_same_size(ck / "optim_000006_rank0.safetensors")
+    assert ckpt.find_last_good_step(ck) == 6 and ckpt.find_last_good_step(ck, optimizer=True) == 2
+    with pytest.raises(ckpt.CorruptCheckpoint, match="optim_000006_rank0"):
+        ckpt.verify_checkpoint(ck, 6)
+
+
+def test_checkpoints_without_hashes_still_load(ck, picochat_home):
+    _save(ck, 3)
+    meta = json.loads((ck / "meta_000003.json").read_text())
+    del meta["sha256"]  # written before hashes were recorded
+    (ck / "meta_000003.json").write_text(json.dumps(meta))
+    assert load_state(ck, 3, "cpu")[1]["step"] == 3
+
+
+def test_stray_temp_files_are_removed_at_start(ck, picochat_home):
+    from picochat.train_loop import resume_step
+    _save(ck, 2)
+    (ck / "model_000004.safetensors.k3j2h1.tmp").write_bytes(b"half a save")
+    (ck / "tokenizer").mkdir(exist_ok=True)
+    (ck / "tokenizer" / "tokenizer.json.x1.tmp").write_bytes(b"{")
+    assert resume_step("auto", ck) == 2
+    assert not list(ck.glob("*.tmp")) and not list(ck.glob("tokenizer/*.tmp"))
+
+
+def test_weights_that_do_not_fit_the_meta_are_a_clear_error(picochat_home, tiny_tokenizer):
+    from picochat.gpt import build_model, config_from_depth
+    from picochat.checkpoint import checkpoint_dir, load_model
+    tiny_tokenizer.save(picochat_home / "tokenizer")
+    cfg = config_from_depth(2, tiny_tokenizer.get_vocab_size(), aspect_ratio=32, head_dim=16, max_seq_len=32,
+                            window_pattern="L")
+    d = checkpoint_dir("base", "d2")
+    save_checkpoint(d, 1, build_model(cfg, "cpu", torch.float32), None, {"model_config": cfg.to_dict()})
+    meta = json.loads((d / "meta_000001.json").read_text())
+    meta["model_config"]["n_embd"] = 128  # an edited meta: the weights are 64 wide
+    meta["model_config"]["n_head"] = 8
+    meta["model_config"]["n_kv_head"] = 8
+    (d / "meta_000001.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"do not match the model its meta describes .*transformer\..*weights \(.*64.*\) vs model"):
+        load_model("base", "cpu", step=1)
