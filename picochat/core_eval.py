@@ -58,7 +58,7 @@ def _validate_zip(path):
 
 def _fetch_zip_bundle(dest: Path):
     zpath = get_base_dir() / "eval_bundle.zip"
-    fetch.download_locked("eval_bundle.zip", EVAL_BUNDLE_URL, zpath, validate=_validate_zip)
+    fetch.download("eval_bundle.zip", EVAL_BUNDLE_URL, zpath, validate=_validate_zip)
     tmp = Path(tempfile.mkdtemp(prefix="eval_bundle.", dir=get_base_dir()))
     try:
         with zipfile.ZipFile(zpath) as z:
@@ -83,7 +83,7 @@ def bundle_dir(local_dir=None) -> Path:
     dest = get_base_dir() / "eval_bundle"
     if fetch.get_mirror():
         for name in ("core.yaml", "eval_meta_data.csv"):
-            fetch.download_locked(f"core/{name}", None, dest / name, progress=False)
+            fetch.download(f"core/{name}", None, dest / name, progress=False)
         return dest
     if not (dest / "core.yaml").exists():
         with FileLock(str(dest) + ".lock"):  # one rank downloads and unzips, the others wait
@@ -113,7 +113,7 @@ def load_core_tasks(local_dir=None, labels=None):
         path = root / "eval_data" / uri
         if not path.exists() and fetch.get_mirror() and not local_dir:
             try:
-                fetch.download_locked(f"core/eval_data/{uri}", None, path, progress=False, retries=2)
+                fetch.download(f"core/eval_data/{uri}", None, path, progress=False, retries=2)
             except Exception as err:
                 logger.warning(f"CORE task {e['label']}: could not fetch {uri} ({err})")
         if not path.exists():

@@ -116,7 +116,7 @@ class _DocStream:
                 if len(self._pf_cache) >= 8:
                     self._pf_cache.clear()
                 self._pf_cache[f] = dataset.open_parquet(self.files[f])
-            self._texts = dataset.read_row_group(self._pf_cache[f], g)
+            self._texts = dataset.read_row_group(self._pf_cache[f], g, self.files[f])
             self._texts_key = (f, g)
             if len(self._texts) != self.sizes[f][g]:
                 raise ValueError(f"{self.files[f]} row group {g} changed while reading")

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from picochat import fetch
-from picochat.common import get_base_dir, logger
+from picochat.common import get_base_dir, logger, file_sha256, atomic_write_json
 
 DATASETS = {
     # current layout: shard 6542 is always the validation shard (the dataset host's own split)
@@ -120,9 +120,30 @@ def row_group_sizes(files) -> list:
     return sizes
 
 
-def read_row_group(pf: pq.ParquetFile, rg: int) -> list:
-    texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+def read_row_group(pf: pq.ParquetFile, rg: int, path=None) -> list:
+    """The texts of one row group; a damaged file is an error naming it and the fix (pyarrow's own message,
+    e.g. "ZSTD decompression failed", names no file)."""
+    try:
+        texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path or 'a parquet file'}: row group {rg} cannot be read ({e}); the file is corrupt. Delete it and run "
+                         f"`picochat data download` again (it re-fetches missing and corrupt shards)") from e
     return [t if t is not None else "" for t in texts]
+
+
+def write_manifest(directory) -> dict:
+    """Describe a mirror's shard directory (every *.parquet; the last one is the validation split) in the manifest
+    format plan_download reads, SHA-256 included; written atomically to <directory>/manifest.json."""
+    directory = Path(directory)
+    files = list_parquet_files(directory)
+    shards = []
+    for i, path in enumerate(files):
+        md = open_parquet(path).metadata
+        shards.append({"file": path.name, "split": "val" if i == len(files) - 1 else "train", "rows": md.num_rows,
+                       "file_bytes": path.stat().st_size, "sha256": file_sha256(path)})
+    manifest = {"shards": shards}
+    atomic_write_json(directory / "manifest.json", manifest)
+    return manifest
 
 
 def iter_row_groups(split: str, data_dir=None, start=0, step=1):
@@ -133,7 +154,7 @@ def iter_row_groups(split: str, data_dir=None, start=0, step=1):
         pf = open_parquet(path)
         for rg in range(pf.metadata.num_row_groups):
             if k >= start and (k - start) % step == 0:
-                yield read_row_group(pf, rg)
+                yield read_row_group(pf, rg, path)
             k += 1
 
 # -----------------------------------------------------------------------------
@@ -154,12 +175,14 @@ def _mirror_manifest():
         return manifest
     except Exception as e:
         raise ValueError(f"the mirror's {MIRROR_DIR}/manifest.json is malformed ({e}); expected "
-                         f'{{"shards": [{{"file": ..., "split": "train"|"val", "file_bytes": ...}}, ...]}}') from e
+                         f'{{"shards": [{{"file": ..., "split": "train"|"val", "file_bytes": ..., "sha256": ...}}, '
+                         f'...]}} (`picochat data manifest DIR` writes one)') from e
 
 
 def plan_download(num_files: int, dataset: str = DEFAULT_DATASET):
-    """-> list of (file name, public URL, expected bytes or None): train shards 0..N-1 (all when N < 0)
-    plus the validation shard. With a mirror manifest, only shards the mirror has are planned."""
+    """-> list of (file name, public URL, expected bytes or None, SHA-256 or None): train shards 0..N-1 (all when
+    N < 0) plus the validation shard. With a mirror manifest, only shards the mirror has are planned, with the
+    manifest's sizes and hashes; from the public host the hub publishes each shard's SHA-256 itself."""
     info = DATASETS[dataset]
     manifest = _mirror_manifest()
     if manifest is not None:
@@ -174,12 +197,12 @@ def plan_download(num_files: int, dataset: str = DEFAULT_DATASET):
             logger.warning(f"asked for {num_files} train shards but the mirror {fetch.get_mirror()} has only "
                            f"{len(train)}; downloading those {len(train)} (+ the validation shard)")
         chosen = train if num_files < 0 else train[:num_files]
-        return [(s["file"], f"{info['url']}/{s['file']}", s.get("file_bytes")) for s in chosen + val]
+        return [(s["file"], f"{info['url']}/{s['file']}", s.get("file_bytes"), s.get("sha256")) for s in chosen + val]
     n = info["max_shard"] if num_files < 0 else min(num_files, info["max_shard"])
     if num_files > info["max_shard"]:
         logger.warning(f"{dataset} has only {info['max_shard']} train shards; downloading all of them")
     indices = list(range(n)) + [info["max_shard"]]
-    return [(shard_name(i), f"{info['url']}/{shard_name(i)}", None) for i in indices]
+    return [(shard_name(i), f"{info['url']}/{shard_name(i)}", None, None) for i in indices]
 
 
 def download_shards(num_files: int, dataset: str = DEFAULT_DATASET, num_workers: int = 4, dest_dir=None,
@@ -192,10 +215,10 @@ def download_shards(num_files: int, dataset: str = DEFAULT_DATASET, num_workers:
     source = fetch.get_mirror() or DATASETS[dataset]["url"]
     print(f"Downloading {len(plan)} shards of {dataset} from {source} into {dest_dir} with {num_workers} workers")
 
-    def one(name, url, nbytes):
-        return fetch.download_locked(f"{MIRROR_DIR}/{name}", url, dest_dir / name,
-                                     validate=partial(validate_shard, expected_bytes=nbytes),
-                                     retries=retries, timeout=timeout, progress=False)
+    def one(name, url, nbytes, sha256):
+        return fetch.download(f"{MIRROR_DIR}/{name}", url, dest_dir / name, sha256=sha256,
+                              validate=partial(validate_shard, expected_bytes=nbytes),
+                              retries=retries, timeout=timeout, progress=False)
 
     paths, errors = [], []
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool, \

@@ -14,13 +14,20 @@ Examples:
     python -c "from pathlib import Path; from picochat import fetch; \
 fetch.download('gsm8k/test.jsonl', None, Path('/tmp/test.jsonl'), progress=False)"
 
+Integrity: a file counts as present only once it matches its SHA-256 when one is known: passed by the caller
+(a mirror manifest's "sha256"), or published by the host (the Hugging Face hub sends an LFS file's SHA-256 as
+X-Linked-Etag). A verified hash is remembered next to the file (.<name>.sha256), so a file corrupted on disk
+later is detected on the next run and fetched again. A bad body is retried; a bad file in a local mirror is an
+error naming it. An interrupted HTTP download keeps its bytes in <name>.partial and the next attempt (or run)
+asks only for the rest (HTTP Range); a server that ignores Range just sends the whole file again.
+
 Env knobs: PICOCHAT_FETCH_BACKOFF (base delay in seconds of the exponential backoff, default 2:
 sleeps 2, 4, 8, 16 between the 5 attempts; tests set it tiny).
 """
 import os
+import re
 import sys
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import quote
 
@@ -28,9 +35,10 @@ import requests
 from filelock import FileLock
 from tqdm import tqdm
 
-from picochat.common import logger
+from picochat.common import logger, file_sha256
 
 CHUNK_SIZE = 1 << 20  # 1 MB reads/writes
+HTTP_READ_SIZE = 64 << 10
 DEFAULT_BACKOFF = 2.0
 MIRROR_HINT = ("set PICOCHAT_MIRROR (or pass --mirror) to an http(s) mirror URL or a local directory "
                "laid out like shared/data, e.g. export PICOCHAT_MIRROR=/path/to/shared/data")
@@ -44,6 +52,44 @@ class DownloadError(RuntimeError):
 
 class _Fatal(Exception):
     """Raised inside an attempt when retrying is pointless (404, missing local file, ...)."""
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _published_sha256(response) -> str | None:
+    """The SHA-256 the Hugging Face hub publishes for an LFS file (X-Linked-Etag on the resolve response, before
+    the redirect to the CDN); None from hosts that publish none."""
+    for r in list(response.history) + [response]:
+        tag = r.headers.get("X-Linked-Etag", "").strip().strip('"').removeprefix("W/").strip('"').lower()
+        if _HEX64.match(tag):
+            return tag
+    return None
+
+
+def _hash_record(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.sha256"
+
+
+def recorded_sha256(dest) -> str | None:
+    """The SHA-256 `dest` was verified against when it was downloaded (None: none was known)."""
+    try:
+        text = _hash_record(Path(dest)).read_text().strip()
+    except OSError:
+        return None
+    return text if _HEX64.match(text) else None
+
+
+def check_present(dest, sha256=None) -> str | None:
+    """Why `dest` cannot count as downloaded (missing, or its bytes differ from the expected or recorded SHA-256);
+    None when it is fine. Hashes the file when a hash is known."""
+    dest = Path(dest)
+    if not dest.is_file():
+        return "missing"
+    expected = sha256 or recorded_sha256(dest)
+    if expected and file_sha256(dest) != expected:
+        return f"SHA-256 mismatch (expected {expected[:12]}...): the file is corrupt"
+    return None
 
 
 def _normalize(value):
@@ -103,20 +149,32 @@ def _show_progress(progress: bool) -> bool:
     return bool(progress) and sys.stderr.isatty()
 
 
-def _stream_http(url, tmp: Path, timeout, progress, desc):
+def _stream_http(url, part: Path, timeout, progress, desc) -> str | None:
+    """Append the rest of `url` to `part` (asking with Range for what `part` lacks). -> the host's SHA-256, if any."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "picochat", "Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
     # timeout bounds the connect and every gap between received bytes, so a stalled server fails fast
-    with requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": "picochat"}) as r:
+    with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
         if r.status_code in (401, 403, 404, 410):
             raise _Fatal(f"HTTP {r.status_code} {r.reason} for {url}")
+        if r.status_code == 416:  # our partial file is no prefix of theirs: start over
+            part.unlink(missing_ok=True)
+            raise IOError(f"the server refused to resume {url} (HTTP 416); starting over")
         r.raise_for_status()  # 5xx, 408, 429, ... are retried
+        if r.status_code != 206:
+            have = 0  # the server ignored Range and sends the whole file
         encoding = r.headers.get("Content-Encoding", "identity").lower()
         length = r.headers.get("Content-Length")
         # with a transfer encoding (gzip) the decoded size differs from Content-Length; only check identity
-        expected = int(length) if length is not None and encoding in ("", "identity") else None
-        written = 0
-        with open(tmp, "wb") as f, tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
-                                        desc=desc, disable=not _show_progress(progress), leave=False) as bar:
-            for chunk in r.iter_content(chunk_size=CHUNK_SIZE):
+        expected = have + int(length) if length is not None and encoding in ("", "identity") else None
+        written = have
+        with open(part, "ab" if have else "wb") as f, tqdm(total=expected, initial=have, unit="B", unit_scale=True,
+                                                           unit_divisor=1024, desc=desc, leave=False,
+                                                           disable=not _show_progress(progress)) as bar:
+            # small reads: a read cut by a timeout or reset loses what it had gathered, so keep each one short
+            for chunk in r.iter_content(chunk_size=HTTP_READ_SIZE):
                 f.write(chunk)
                 written += len(chunk)
                 bar.update(len(chunk))
@@ -124,13 +182,14 @@ def _stream_http(url, tmp: Path, timeout, progress, desc):
             os.fsync(f.fileno())
         if expected is not None and written != expected:
             raise IOError(f"truncated body from {url}: got {written} of {expected} bytes")
+        return _published_sha256(r)
 
 
-def _copy_local(src: Path, tmp: Path, progress, desc):
+def _copy_local(src: Path, part: Path, progress, desc):
     if not src.is_file():
         raise _Fatal(f"{src} does not exist in the mirror directory")
     total = src.stat().st_size
-    with open(src, "rb") as fin, open(tmp, "wb") as fout, \
+    with open(src, "rb") as fin, open(part, "wb") as fout, \
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                  disable=not _show_progress(progress), leave=False) as bar:
         while True:
@@ -143,57 +202,79 @@ def _copy_local(src: Path, tmp: Path, progress, desc):
         os.fsync(fout.fileno())
 
 
-def download(relpath: str, default_url, dest, validate=None, retries=5, timeout=30, progress=True,
+def download(relpath: str, default_url, dest, validate=None, sha256=None, retries=5, timeout=30, progress=True,
              backoff=None) -> Path:
     """Fetch `relpath` (from the mirror) or `default_url` into `dest`; return `dest`.
 
-    Skips the download when `dest` exists and `validate(dest)` passes (validate: Path -> None, raises
-    on a bad file). Otherwise streams into a temp file next to `dest`, checks Content-Length and
-    `validate`, then renames it over `dest` atomically: `dest` is never a partial file. HTTP errors,
-    dropped connections, truncated bodies and timeouts are retried up to `retries` attempts with
-    exponential backoff (base `backoff` seconds, default $PICOCHAT_FETCH_BACKOFF or 2).
+    Skips the download when `dest` is present and sound: it matches `sha256` (or the hash recorded when it was
+    downloaded) and `validate(dest)` passes (validate: Path -> None, raises on a bad file). Otherwise the bytes go
+    to <dest>.partial (resumed with HTTP Range), are checked (Content-Length, SHA-256 from `sha256` or the host,
+    `validate`), and only then renamed over `dest`: `dest` is never partial or unverified. HTTP errors, dropped
+    connections, truncated or corrupt bodies and timeouts are retried up to `retries` attempts with exponential
+    backoff (base `backoff` seconds, default $PICOCHAT_FETCH_BACKOFF or 2). Holds a lock file next to `dest`, so
+    several ranks or processes asking for one file download it once.
     """
     dest = Path(dest)
-    if dest.exists():
-        if validate is None:
-            return dest
-        try:
-            validate(dest)
-            return dest
-        except Exception as e:
-            logger.warning(f"{dest} exists but is invalid ({e}); downloading it again")
-    kind, src = resolve_source(relpath, default_url)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # hidden lock file: never mistaken for data (listings take *.parquet / named files only)
+    with FileLock(str(dest.parent / f".{dest.name}.lock")):
+        return _download(relpath, default_url, dest, validate, sha256, retries, timeout, progress, backoff)
+
+
+def _download(relpath, default_url, dest: Path, validate, sha256, retries, timeout, progress, backoff) -> Path:
+    sha256 = sha256.lower() if sha256 else None
+    if dest.exists():
+        problem = check_present(dest, sha256)
+        if problem is None and validate is not None:
+            try:
+                validate(dest)
+            except Exception as e:
+                problem = str(e)
+        if problem is None:
+            return dest
+        logger.warning(f"{dest} is present but unusable ({problem}); downloading it again")
+    kind, src = resolve_source(relpath, default_url)
     base = _backoff_base(backoff)
     retries = max(1, int(retries))
+    # the partial name does not end in .parquet, so listings never see it; it survives a killed run to be resumed
+    part = dest.parent / f"{dest.name}.partial"
     last_error = None
     for attempt in range(1, retries + 1):
-        # unique temp name next to dest (same filesystem, so the rename is atomic); plain open() keeps the
-        # umask's permissions, unlike mkstemp's 0600. Listings ignore it: it does not end in .parquet.
-        tmp = dest.parent / f"{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
         try:
             if kind == "file":
-                _copy_local(src, tmp, progress, dest.name)
-                if validate is not None:
-                    try:
-                        validate(tmp)
-                    except Exception as e:  # copying the same bad file again cannot help
-                        raise _Fatal(f"mirror file {src} is invalid: {e}") from e
+                _copy_local(src, part, progress, dest.name)
+                published = None
             else:
-                _stream_http(src, tmp, timeout, progress, dest.name)
-                if validate is not None:
-                    validate(tmp)
-            os.replace(tmp, dest)
+                published = _stream_http(src, part, timeout, progress, dest.name)
+            expected = sha256 or published
+            if expected:
+                got = file_sha256(part)
+                if got != expected:
+                    part.unlink()  # which bytes are bad is unknown: start over
+                    if kind == "file":
+                        raise _Fatal(f"mirror file {src} has SHA-256 {got[:12]}..., expected {expected[:12]}... "
+                                     "(the mirror's copy or its manifest is wrong)")
+                    raise IOError(f"SHA-256 mismatch for {src}: got {got[:12]}..., expected {expected[:12]}...")
+            if validate is not None:
+                try:
+                    validate(part)
+                except Exception as e:
+                    part.unlink()
+                    if kind == "file":  # copying the same bad file again cannot help
+                        raise _Fatal(f"mirror file {src} is invalid: {e}") from e
+                    raise
+            _hash_record(dest).unlink(missing_ok=True)  # never a stale record next to new bytes
+            os.replace(part, dest)
+            if expected:
+                _hash_record(dest).write_text(expected + "\n")
             return dest
         except _Fatal as e:
+            part.unlink(missing_ok=True)
             raise DownloadError(f"Cannot fetch {relpath!r}: {e}. " + (
                 "Check that the mirror holds this file (same layout as shared/data), or unset PICOCHAT_MIRROR "
                 "to use the public URL." if get_mirror() else "Check the URL, or " + MIRROR_HINT + ".")) from e
-        except Exception as e:  # network errors, truncation, failed validation of a downloaded body
+        except Exception as e:  # network errors, truncation, corrupt bodies: the partial bytes are kept to resume
             last_error = e
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         if attempt < retries:
             delay = base * 2 ** (attempt - 1)
             logger.warning(f"download of {src} failed (attempt {attempt}/{retries}: {last_error}); "
@@ -202,19 +283,9 @@ def download(relpath: str, default_url, dest, validate=None, retries=5, timeout=
     mirror = get_mirror()
     fix = (f"Check that the mirror {mirror} is reachable and complete, or point PICOCHAT_MIRROR at another mirror "
            f"(unset it to use the public URLs)" if mirror else f"Check your network connection, or {MIRROR_HINT}")
-    raise DownloadError(f"Failed to download {src} after {retries} attempts (last error: {last_error}). {fix}.")
-
-
-def download_locked(relpath: str, default_url, dest, validate=None, retries=5, timeout=30, progress=True,
-                    backoff=None) -> Path:
-    """download() under a file lock next to `dest`: with several ranks (or processes) asking for the same
-    file, one downloads and the others wait, then find it present and valid."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # hidden lock file: never mistaken for data (listings take *.parquet / named files only)
-    with FileLock(str(dest.parent / f".{dest.name}.lock")):
-        return download(relpath, default_url, dest, validate=validate, retries=retries, timeout=timeout,
-                        progress=progress, backoff=backoff)
+    raise DownloadError(f"Failed to download {src} after {retries} attempts (last error: {last_error}); the "
+                        f"{part.stat().st_size if part.exists() else 0} bytes received are kept in {part.name} and "
+                        f"the next run resumes from there. {fix}.")
 
 
 def fetch_text(relpath: str, default_url=None, timeout=30, retries=3, backoff=None):

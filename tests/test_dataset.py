@@ -83,11 +83,11 @@ def test_plan_without_mirror(monkeypatch):
     monkeypatch.delenv("PICOCHAT_MIRROR", raising=False)
     fetch.set_mirror(None)
     plan = dataset.plan_download(2)
-    assert [name for name, _, _ in plan] == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+    assert [name for name, *_ in plan] == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
     assert plan[2][1] == ("https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
                           "shard_06542.parquet")
     legacy = dataset.plan_download(1, "fineweb-edu")
-    assert [name for name, _, _ in legacy] == ["shard_00000.parquet", "shard_01822.parquet"]
+    assert [name for name, *_ in legacy] == ["shard_00000.parquet", "shard_01822.parquet"]
     assert len(dataset.plan_download(-1, "fineweb-edu")) == 1823
 
 
@@ -97,8 +97,8 @@ def test_plan_with_shared_mirror_manifest(shared_data, monkeypatch):
     manifest = json.loads((shared_data / "pretrain" / "manifest.json").read_text())
     val = [s["file"] for s in manifest["shards"] if s["split"] == "val"]
     plan = dataset.plan_download(2)
-    assert [name for name, _, _ in plan] == ["shard_00000.parquet", "shard_00001.parquet"] + val
-    assert all(nbytes for _, _, nbytes in plan)  # sizes from the manifest are checked on download
+    assert [name for name, *_ in plan] == ["shard_00000.parquet", "shard_00001.parquet"] + val
+    assert all(nbytes for _, _, nbytes, _ in plan)  # sizes from the manifest are checked on download
 
 
 def test_info_cli(corpus, capsys):

@@ -1,6 +1,8 @@
-"""fetch.py and `picochat data download`: a loopback server that injects faults (dropped connection, HTTP 500,
-truncated body, slow response, corrupt body) must still leave only complete, byte-identical shards, no temp
-files, and a second run must download nothing."""
+"""fetch.py and `picochat data download`: a loopback server that injects faults (dropped connection, HTTP 500/503,
+truncated body, slow response, a stall mid-body, corrupt or same-size garbled body) must still leave only
+complete, byte-identical (SHA-256 verified) shards, no temp files, and a second run must download nothing.
+Interrupted downloads resume with HTTP Range; a shard corrupted on disk later is found and replaced."""
+import hashlib
 import json
 import socket
 import struct
@@ -25,10 +27,14 @@ SLOW_SECONDS = 1.5  # > CLIENT_TIMEOUT: the client must give up and retry
 class FaultServer:
     """Serves `root` over loopback; faults[relpath] is a list consumed one per request (then plain success)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, publish_sha256=False, honour_range=True):
         self.root = root
         self.faults = {}
         self.counts = collections.Counter()
+        self.ranges = collections.defaultdict(list)  # relpath -> the Range header of each request (None: none)
+        self.sent = collections.Counter()            # relpath -> body bytes sent
+        self.publish_sha256 = publish_sha256         # like the HF hub: X-Linked-Etag = the file's SHA-256
+        self.honour_range = honour_range
         self.lock = threading.Lock()
         server = self
 
@@ -52,27 +58,54 @@ class FaultServer:
         rel = unquote(h.path.split("?")[0].lstrip("/"))
         with self.lock:
             self.counts[rel] += 1
+            self.ranges[rel].append(h.headers.get("Range"))
             pending = self.faults.get(rel)
             fault = pending.pop(0) if pending else "ok"
         path = self.root / rel
         if not path.is_file():
             h.send_error(404)
             return
-        if fault == "500":
-            h.send_error(500, "injected")
+        if fault in ("500", "503"):
+            h.send_error(int(fault), "injected")
             return
         data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
         if fault == "slow":
             time.sleep(SLOW_SECONDS)
         if fault == "corrupt":
             data = bytes(len(data))  # right length, not a parquet file
-        h.send_response(200)
+        if fault == "garble":  # same size, footer and schema intact: only a hash can tell
+            mid = len(data) // 2
+            data = data[:mid] + bytes(b ^ 0x5A for b in data[mid:mid + 4096]) + data[mid + 4096:]
+        start = 0
+        rng = h.headers.get("Range")
+        if rng and self.honour_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            h.send_response(206)
+            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            h.send_response(200)
+        data = data[start:]
+        with self.lock:
+            self.sent[rel] += len(data) if fault not in ("drop", "truncate", "stall") else 0
         h.send_header("Content-Type", "application/octet-stream")
         h.send_header("Content-Length", str(len(data)))
+        if self.publish_sha256:
+            h.send_header("X-Linked-Etag", f'"{digest}"')
         h.end_headers()
+        if fault == "stall":  # half the body, then silence longer than the client's timeout
+            h.wfile.write(data[:len(data) // 2])
+            h.wfile.flush()
+            with self.lock:
+                self.sent[rel] += len(data) // 2
+            time.sleep(SLOW_SECONDS)
+            h.close_connection = True
+            return
         if fault == "drop":  # half the body, then a hard reset (RST) mid-file
             h.wfile.write(data[:len(data) // 2])
             h.wfile.flush()
+            with self.lock:
+                self.sent[rel] += len(data) // 2
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             h.connection.close()
             h.close_connection = True
@@ -80,6 +113,8 @@ class FaultServer:
         if fault == "truncate":  # Content-Length promises more than is sent, then a clean close
             h.wfile.write(data[:len(data) - 4096])
             h.wfile.flush()
+            with self.lock:
+                self.sent[rel] += len(data) - 4096
             h.close_connection = True
             return
         h.wfile.write(data)
@@ -105,7 +140,7 @@ def _fast_and_clean(monkeypatch, picochat_home):
 
 
 def _leftovers(directory: Path):
-    return [p.name for p in directory.rglob("*") if p.name.endswith(".tmp")]
+    return [p.name for p in directory.rglob("*") if p.name.endswith((".tmp", ".partial"))]
 
 
 def test_download_survives_injected_faults(fault_server, shared_data, tmp_path):
@@ -122,7 +157,8 @@ def test_download_survives_injected_faults(fault_server, shared_data, tmp_path):
         assert out == dest_dir / name
     assert fault_server.counts["pretrain/shard_00006.parquet"] == 4  # 3 faults + 1 success
     assert fault_server.counts["pretrain/shard_00005.parquet"] == 4
-    assert sorted(p.name for p in dest_dir.iterdir()) == ["shard_00005.parquet", "shard_00006.parquet"]
+    assert sorted(p.name for p in dest_dir.iterdir() if not p.name.startswith(".")) == \
+        ["shard_00005.parquet", "shard_00006.parquet"]
     for name in ("shard_00005.parquet", "shard_00006.parquet"):
         assert (dest_dir / name).read_bytes() == (src / name).read_bytes()
     # second run: present and valid -> not a single request
@@ -174,14 +210,14 @@ def test_missing_file_is_not_retried(fault_server, tmp_path):
     assert fault_server.counts["pretrain/nope.parquet"] == 1
 
 
-def test_download_locked_downloads_once(fault_server, tmp_path):
+def test_download_downloads_once(fault_server, tmp_path):
     fetch.set_mirror(fault_server.url)
     dest = tmp_path / "shard_00006.parquet"
     errors = []
 
     def worker():
         try:
-            fetch.download_locked("pretrain/shard_00006.parquet", None, dest, validate=dataset.validate_shard,
+            fetch.download("pretrain/shard_00006.parquet", None, dest, validate=dataset.validate_shard,
                                   progress=False)
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -251,3 +287,102 @@ def test_local_directory_mirror(tmp_path, monkeypatch):
     (out / "shard_00002.parquet").unlink()
     assert data_stage.main(["download", "-n", "3", "--data-dir", str(out)]) == 1
     assert not (out / "shard_00002.parquet").exists() and not _leftovers(out)
+
+
+def test_interrupted_downloads_resume_with_range(fault_server, shared_data, tmp_path):
+    name = "pretrain/shard_00006.parquet"
+    size = (shared_data / name).stat().st_size
+    # (a reset would discard what the client's kernel had buffered, so the resumable faults are these)
+    fault_server.faults = {name: ["truncate", "stall", "503"]}
+    fetch.set_mirror(fault_server.url)
+    dest = tmp_path / "shard_00006.parquet"
+    fetch.download(name, None, dest, validate=dataset.validate_shard, timeout=CLIENT_TIMEOUT, progress=False)
+    assert dest.read_bytes() == (shared_data / name).read_bytes() and not _leftovers(tmp_path)
+    r = fault_server.ranges[name]
+    assert r[0] is None and all(x and x.startswith("bytes=") and int(x[6:-1]) > 0 for x in r[1:]), r
+    assert fault_server.sent[name] < 1.1 * size  # each byte crossed the wire about once, not once per attempt
+    # a run killed mid-download leaves <name>.partial: the next run asks only for the rest
+    dest.unlink()
+    part = tmp_path / "shard_00006.parquet.partial"
+    part.write_bytes((shared_data / name).read_bytes()[:size // 3])
+    fault_server.ranges.clear()
+    fault_server.sent.clear()
+    fetch.download(name, None, dest, validate=dataset.validate_shard, progress=False)
+    assert dest.read_bytes() == (shared_data / name).read_bytes() and not part.exists()
+    assert fault_server.ranges[name] == [f"bytes={size // 3}-"] and fault_server.sent[name] == size - size // 3
+
+
+def test_server_without_range_support_restarts_cleanly(shared_data, tmp_path):
+    server = FaultServer(shared_data, honour_range=False)
+    try:
+        name = "pretrain/shard_00005.parquet"
+        server.faults = {name: ["drop"]}
+        fetch.set_mirror(server.url)
+        dest = tmp_path / "shard_00005.parquet"
+        fetch.download(name, None, dest, validate=dataset.validate_shard, timeout=CLIENT_TIMEOUT, progress=False)
+        assert dest.read_bytes() == (shared_data / name).read_bytes()  # the 200 replaced the partial bytes
+    finally:
+        server.close()
+
+
+def test_same_size_garbling_is_caught_by_the_published_sha256(shared_data, tmp_path):
+    """Like the HF hub (X-Linked-Etag): a garbled body passes the footer check but not the hash, so it is retried;
+    the verified hash is recorded, so damage on disk later is found on the next run and the file replaced."""
+    server = FaultServer(shared_data, publish_sha256=True)
+    try:
+        name = "pretrain/shard_00005.parquet"
+        server.faults = {name: ["garble", "garble"]}
+        fetch.set_mirror(server.url)
+        dest = tmp_path / "shard_00005.parquet"
+        fetch.download(name, None, dest, validate=dataset.validate_shard, progress=False)
+        assert server.counts[name] == 3 and dest.read_bytes() == (shared_data / name).read_bytes()
+        assert fetch.recorded_sha256(dest) == hashlib.sha256(dest.read_bytes()).hexdigest()
+        # later, on disk: same size, footer intact
+        data = bytearray(dest.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        dest.write_bytes(bytes(data))
+        dataset.validate_shard(dest)  # the cheap check is fooled ...
+        assert "SHA-256 mismatch" in fetch.check_present(dest)  # ... the recorded hash is not
+        assert data_stage.main(["info", "--data-dir", str(tmp_path)]) == 1
+        fetch.download(name, None, dest, validate=dataset.validate_shard, progress=False)
+        assert server.counts[name] == 4 and dest.read_bytes() == (shared_data / name).read_bytes()
+        assert data_stage.main(["info", "--data-dir", str(tmp_path)]) == 0
+    finally:
+        server.close()
+
+
+def test_manifest_hashes_verify_mirror_downloads(tmp_path, monkeypatch, capsys):
+    mirror = tmp_path / "mirror" / "pretrain"
+    mirror.mkdir(parents=True)
+    for i in range(3):
+        _tiny_shard(mirror / f"shard_{i:05d}.parquet", [f"doc {i} {j}" for j in range(5)])
+    assert data_stage.main(["manifest", str(mirror)]) == 0
+    manifest = json.loads((mirror / "manifest.json").read_text())
+    assert [s["split"] for s in manifest["shards"]] == ["train", "train", "val"]
+    assert all(s["sha256"] == hashlib.sha256((mirror / s["file"]).read_bytes()).hexdigest() for s in manifest["shards"])
+    monkeypatch.setenv("PICOCHAT_MIRROR", str(mirror.parent))
+    out = tmp_path / "data"
+    assert data_stage.main(["download", "-n", "2", "--data-dir", str(out)]) == 0
+    assert all(fetch.recorded_sha256(p) for p in out.glob("*.parquet"))
+    # the mirror's copy goes bad (same size): the mismatch names the file, and nothing unverified is kept
+    bad = mirror / "shard_00001.parquet"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    (out / "shard_00001.parquet").unlink()
+    capsys.readouterr()
+    assert data_stage.main(["download", "-n", "2", "--data-dir", str(out)]) == 1
+    msg = capsys.readouterr().out
+    assert "shard_00001.parquet" in msg and "SHA-256" in msg
+    assert not (out / "shard_00001.parquet").exists() and not _leftovers(out)
+
+
+def test_a_corrupt_shard_read_names_the_file_and_the_fix(shared_data, tmp_path):
+    src = (shared_data / "pretrain" / "shard_00006.parquet").read_bytes()
+    mid = len(src) // 2
+    bad = tmp_path / "shard_00000.parquet"
+    bad.write_bytes(src[:mid] + bytes(b ^ 0x5A for b in src[mid:mid + 4096]) + src[mid + 4096:])
+    pf = dataset.open_parquet(bad)  # footer and schema intact
+    with pytest.raises(ValueError, match=r"shard_00000\.parquet: row group 0 cannot be read .*picochat data download"):
+        dataset.read_row_group(pf, 0, bad)
+    assert "CORRUPT" in data_stage._integrity(bad, deep=True)

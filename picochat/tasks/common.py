@@ -176,7 +176,7 @@ def have_mirror() -> bool:
 def mirror_file(relpath: str, validate=None) -> Path:
     """Fetch `relpath` from PICOCHAT_MIRROR into the cache (one rank downloads, the others wait)."""
     dest = task_data_dir() / "mirror" / relpath
-    return fetch.download_locked(relpath, None, dest, validate=validate)
+    return fetch.download(relpath, None, dest, validate=validate)
 
 def mirror_has(relpath: str) -> bool:
     """Whether the mirror provides `relpath` (directories are checked on disk, URLs by a HEAD request)."""

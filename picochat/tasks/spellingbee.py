@@ -63,7 +63,7 @@ QUOTES = ["", "'", '"']
 
 def load_words() -> list:
     dest = task_data_dir() / "words" / "words_alpha.txt"
-    path = fetch.download_locked("words/words_alpha.txt", WORDS_URL, dest)
+    path = fetch.download("words/words_alpha.txt", WORDS_URL, dest)
     words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines()]
     words = [w for w in words if w and w.isascii() and w.isalpha()]
     if not words:
