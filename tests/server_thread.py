@@ -15,7 +15,10 @@ class ServerThread:
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
         self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        # h11 with the header limit `picochat serve` uses, so header-size behaviour is the real one
+        from picochat.http_guard import H11_MAX_EVENT_BYTES
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", http="h11",
+                                                    h11_max_incomplete_event_size=H11_MAX_EVENT_BYTES))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):

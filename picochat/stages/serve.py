@@ -50,6 +50,7 @@ from picochat.api_schema import Limits, APIError, ChatRequest, parse_chat_reques
 from picochat.checkpoint import load_model, latest_source
 from picochat.common import HelpFormatter, autodetect_device_type, check_device_type, logger
 from picochat.engine import Engine, TextStreamer
+from picochat.http_guard import RequestGuard, H11_MAX_EVENT_BYTES, MAX_JSON_DEPTH, json_depth
 
 UI_PATH = PACKAGE_DIR / "ui.html"
 
@@ -245,11 +246,13 @@ def _sse(obj) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
 def create_app(workers, model_name="picochat", limits: Limits | None = None, default_temperature=0.8,
-               default_top_k=50, default_max_tokens=512, cors_origins=None, api_key=None, truncate_prompts=False):
-    """Build the FastAPI app. workers: list of (engine, tokenizer, device) (or Worker); may be empty, then the
-    server answers but reports "model not loaded". Tests inject a tiny random model here. With api_key, every
-    /v1/ and /chat/ request must carry `Authorization: Bearer <api_key>`. A conversation longer than the context
-    is a 400 (context_length_exceeded) unless truncate_prompts, then its oldest turns are dropped."""
+               default_top_k=50, default_max_tokens=512, cors_origins=None, api_key=None, truncate_prompts=False,
+               body_timeout=30.0):
+    """Build the app: FastAPI inside picochat.http_guard.RequestGuard (header/body size, body timeout). workers:
+    list of (engine, tokenizer, device) (or Worker); may be empty, then the server answers but reports "model not
+    loaded". Tests inject a tiny random model here. With api_key, every /v1/ and /chat/ request must carry
+    `Authorization: Bearer <api_key>`. A conversation longer than the context is a 400 (context_length_exceeded)
+    unless truncate_prompts, then its oldest turns are dropped."""
     limits = limits or Limits()
     defaults = {"temperature": default_temperature, "top_k": default_top_k, "max_tokens": default_max_tokens}
     server = Server(workers, model_name, limits, defaults)
@@ -286,17 +289,15 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
         return JSONResponse(err.body(), status_code=exc.status_code)
 
     async def read_json(request):
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_body:  # refuse before reading it into memory
-            raise APIError(f"request body too large ({declared} bytes)", code="body_too_large", status=413)
-        body = await request.body()
-        if len(body) > max_body:
-            raise APIError(f"request body too large ({len(body)} bytes)", code="body_too_large", status=413)
+        body = await request.body()  # RequestGuard has bounded its size and read time already
         def bad_constant(c):
             raise ValueError(f"{c} is not valid JSON")
         try:
-            return json.loads(body, parse_constant=bad_constant)
-        except (ValueError, UnicodeDecodeError) as e:
+            text = body.decode("utf-8")
+            if json_depth(text) > MAX_JSON_DEPTH:
+                raise APIError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+            return json.loads(text, parse_constant=bad_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise APIError(f"malformed JSON body: {e}", code="invalid_json")
 
     @app.get("/", response_class=HTMLResponse)
@@ -382,7 +383,7 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
                     return
         return _GenerationStream(events(), gen)
 
-    return app
+    return RequestGuard(app, max_body_bytes=max_body, body_timeout=body_timeout)
 
 class _GenerationStream(StreamingResponse):
     """A StreamingResponse that cancels its generation however the response ends: finished, client gone
@@ -431,14 +432,19 @@ async def _openai_stream(gen: Generation, req: ChatRequest, head: dict, server: 
 
 async def _openai_complete(gen: Generation, req: ChatRequest, head: dict, server: Server, request):
     texts, reasons = [""] * req.n, [None] * req.n
+    next_check = time.monotonic() + 0.25
     try:
         while True:
-            try:
-                ev = await asyncio.wait_for(gen.events.get(), timeout=1.0)
-            except asyncio.TimeoutError:  # nobody to answer to any more: stop generating
+            # every 0.25 s, busy or not: a client that gave up (timeout, closed tab) stops its generation
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 0.25
                 if await request.is_disconnected():
                     gen.cancel.set()
+                    logger.info("client left before its answer was ready; generation cancelled")
                     return JSONResponse({}, status_code=499)
+            try:
+                ev = await asyncio.wait_for(gen.events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
                 continue
             if ev[0] == "delta":
                 texts[ev[1]] += ev[2]
@@ -499,6 +505,8 @@ def main(argv=None):
                    help="drop a long conversation's oldest turns to fit the context instead of refusing it with "
                         "a 400 (context_length_exceeded)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may stall between chunks before the request is dropped (408)")
     args = p.parse_args(argv)
 
     device_type = check_device_type(args.device_type or autodetect_device_type())
@@ -522,10 +530,12 @@ def main(argv=None):
     cors = [o.strip() for o in args.cors_origins.split(",") if o.strip()] if args.cors_origins else None
     app = create_app(workers, model_name=model_name, limits=limits, default_temperature=args.temperature,
                      default_top_k=args.top_k, default_max_tokens=args.max_tokens, cors_origins=cors,
-                     api_key=args.api_key, truncate_prompts=args.truncate_prompts)
+                     api_key=args.api_key, truncate_prompts=args.truncate_prompts, body_timeout=args.body_timeout)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("binding to %s without --api-key: anyone who can reach this address can use the model",
                        args.host)
     print(f"picochat serve: {model_name} on {len(workers)} worker(s) -> http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # h11 (not httptools) with a header limit above RequestGuard's, so oversized headers get its JSON 431
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http="h11",
+                h11_max_incomplete_event_size=H11_MAX_EVENT_BYTES)
     return 0
