@@ -2,8 +2,8 @@
 One entry point: `picochat <stage> [flags]` == `python -m picochat <stage> [flags]`,
 also under torchrun: `torchrun --nproc_per_node=8 -m picochat base-train --depth=24`.
 Each stage is a module of picochat/stages with a `main(argv)` function; it is imported only when run. A ValueError or a
-missing file raised by a stage is a user's mistake: one line on stderr, exit code 2 (PICOCHAT_DEBUG=1 shows
-the traceback).
+missing file raised by a stage is a user's mistake: one line on stderr, exit code 2 (`picochat --debug <stage>`
+or PICOCHAT_DEBUG=1 shows the traceback).
 """
 import os
 import sys
@@ -34,11 +34,14 @@ def usage() -> str:
     width = max(map(len, STAGES))
     lines = ["usage: picochat <stage> [flags]   (also: python -m picochat, torchrun -m picochat)", "", "stages:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in STAGES.items()]
-    lines += ["", "picochat <stage> --help shows a stage's flags."]
+    lines += ["", "picochat <stage> --help shows a stage's flags; picochat --debug <stage> ... shows tracebacks."]
     return "\n".join(lines)
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv[:1]:  # `picochat --debug <stage> ...`: tracebacks instead of one-line errors
+        argv = argv[1:]
+        os.environ["PICOCHAT_DEBUG"] = "1"
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -62,7 +65,7 @@ def main(argv=None):
         # message that names the problem and the fix, which is all the user needs to see
         if os.environ.get("PICOCHAT_DEBUG"):
             raise
-        print(f"picochat {stage}: error: {e} (PICOCHAT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"picochat {stage}: error: {e} (picochat --debug {stage} ... shows the traceback)", file=sys.stderr)
         return 2
 
 if __name__ == "__main__":

@@ -50,3 +50,85 @@ def test_user_mistake_is_one_line_and_exit_2(case, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     r = run(["base-train", "--device-type", "cdua"], tmp_path, PICOCHAT_DEBUG="1")
     assert r.returncode != 0 and "Traceback" in r.stderr and "cdua" in r.stderr
+
+
+# The same promise for the stages' own checks, run in-process (same handler as the CLI, without paying an interpreter
+# start per case): a home with a tokenizer and one small base checkpoint (step 2), and an empty home.
+IN_PROCESS = {
+    "no tokenizer": (False, ["base-train", "--depth", "1", "--device-type", "cpu"], "run `picochat tok-train` first"),
+    "data info of a missing dir": (False, ["data", "info", "--data-dir", "/nonexistent/x"], "does not exist"),
+    "tok-train without data": (False, ["tok-train", "--data-dir", "/nonexistent/x"], "does not exist"),
+    "chat-rl without an sft model": (False, ["chat-rl", "--device-type", "cpu"], "picochat chat-sft"),
+    "import-nanochat of a missing dir": (False, ["import-nanochat", "/nonexistent/x"], "is not a directory"),
+    "resume 999": (True, ["base-train", "--depth", "1", "--resume", "999", "--device-type", "cpu"],
+                   "no complete checkpoint at step 999"),
+    "chat with an unknown tag": (True, ["chat", "-i", "base", "-g", "nosuch", "-p", "hi", "--device-type", "cpu"],
+                                 "tag 'nosuch'"),
+    "chat with an unknown step": (True, ["chat", "-i", "base", "-g", "d1", "-s", "999", "-p", "hi",
+                                         "--device-type", "cpu"], "complete steps: [2]"),
+    "serve with an unknown step": (True, ["serve", "-i", "base", "-s", "999", "--device-type", "cpu"],
+                                   "complete steps: [2]"),
+    "export with an unknown step": (True, ["export", "-i", "base", "-s", "999", "--format", "hf", "OUT"],
+                                    "complete steps: [2]"),
+    "infer-bench with an unknown step": (True, ["infer-bench", "-i", "base", "-s", "999", "--device-type", "cpu"],
+                                         "complete steps: [2]"),
+    "base-eval with an unknown tag": (True, ["base-eval", "--model-tag", "nosuch", "--device-type", "cpu"],
+                                      "tag 'nosuch'"),
+    "chat-sft from an unknown base tag": (True, ["chat-sft", "--model-tag", "nosuch", "--device-type", "cpu",
+                                                 "--chatcore-every", "0"], "tag 'nosuch'"),
+    "total batch not divisible": (True, ["base-train", "--depth", "1", "--total-batch-size", "100",
+                                         "--device-type", "cpu"], "not divisible"),
+    "chat-eval unknown task": (True, ["chat-eval", "-i", "base", "-a", "Nope"], "unknown task(s) ['Nope']"),
+    "serve with -n -1": (True, ["serve", "-n", "-1", "--device-type", "cpu"], "--num-workers must be at least 1"),
+    "corrupt checkpoint at an explicit step": (True, ["export", "-i", "base", "-s", "2", "--format", "hf", "OUT"],
+                                               "model_000002.safetensors does not match the SHA-256"),
+}
+
+
+@pytest.fixture(scope="module")
+def homes(tmp_path_factory, tiny_tokenizer):
+    from picochat.gpt import config_from_depth, build_model
+    from picochat.checkpoint import save_checkpoint
+    full, empty = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("empty")
+    tiny_tokenizer.save(full / "tokenizer")
+    cfg = config_from_depth(1, tiny_tokenizer.get_vocab_size(), aspect_ratio=32, head_dim=16, max_seq_len=32,
+                            window_pattern="L")
+    save_checkpoint(full / "checkpoints" / "base" / "d1", 2, build_model(cfg, "cpu"), None,
+                    {"model_config": cfg.to_dict()})
+    return full, empty
+
+
+@pytest.mark.parametrize("case", sorted(IN_PROCESS))
+def test_stage_checks_are_one_line_and_exit_2(case, homes, monkeypatch, capsys, tmp_path):
+    from picochat.__main__ import main
+    needs_checkpoint, args, expect = IN_PROCESS[case]
+    home = homes[0] if needs_checkpoint else homes[1]
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+    monkeypatch.delenv("PICOCHAT_MIRROR", raising=False)
+    monkeypatch.delenv("PICOCHAT_DEBUG", raising=False)
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    model = home / "checkpoints" / "base" / "d1" / "model_000002.safetensors"
+    original = model.read_bytes() if model.exists() else None
+    if case.startswith("corrupt"):
+        model.write_bytes(original[:-8] + bytes(8 * [0x7F]))  # same size: only the recorded hash can tell
+    try:
+        try:
+            rc = main(args)
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+    finally:
+        if original is not None:
+            model.write_bytes(original)
+    err = capsys.readouterr().err
+    assert rc == 2, (rc, err[-2000:])
+    assert "Traceback" not in err
+    errors = [l for l in err.splitlines() if "error:" in l]
+    assert len(errors) == 1 and expect in errors[0], err[-2000:]
+
+
+def test_debug_flag_shows_the_traceback(homes, monkeypatch, capsys):
+    from picochat.__main__ import main
+    monkeypatch.setenv("PICOCHAT_HOME", str(homes[1]))
+    monkeypatch.setenv("PICOCHAT_DEBUG", "")  # recorded, so the "1" that --debug sets is undone after the test
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["--debug", "data", "info", "--data-dir", "/nonexistent/x"])

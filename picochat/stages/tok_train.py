@@ -109,9 +109,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     try:
         tokenizer = Tokenizer.train_from_iterator(texts, args.vocab_size, buffer_size=args.buffer_size)
-    except FileNotFoundError as e:  # no shards: say what to do, without a traceback
+    except (FileNotFoundError, ValueError) as e:  # no shards, or a corrupt one: say what to do, without a traceback
         print(f"picochat tok-train: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     train_time = time.perf_counter() - t0
     if stats["docs"] == 0:
         raise RuntimeError("the train split yielded no text: check --data-dir")
