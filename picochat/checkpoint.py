@@ -26,6 +26,7 @@ Examples:
 import os
 import re
 import json
+import errno
 import shutil
 import signal
 import base64
@@ -226,9 +227,20 @@ def _cpu_state(state: dict) -> dict:
         out[k] = v.detach().to("cpu", copy=True).contiguous()
     return out
 
+class DiskFull(RuntimeError):
+    """No room to write a checkpoint; the earlier ones are intact (every file is written to a temp name first)."""
+    exit_code = 4  # `picochat` prints the message as one line and exits with this
+
 def _save_tensors(path: Path, tensors: dict):
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise DiskFull(f"no space left to write {path} ({e.strerror}); the half-written file was removed and the "
+                       f"earlier checkpoints in {path.parent} are intact. Free some space (or lower --save-every / "
+                       f"--keep-last), then rerun with --resume auto") from e
 
 def save_checkpoint(ckpt_dir, step: int, model, optimizer, meta: dict, keep_last: int | None = None):
     """Every rank calls this. Rank 0 writes the model; each rank writes its optimizer shard; after a barrier

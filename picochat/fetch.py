@@ -15,8 +15,9 @@ Examples:
 fetch.download('gsm8k/test.jsonl', None, Path('/tmp/test.jsonl'), progress=False)"
 
 Integrity: a file counts as present only once it matches its SHA-256 when one is known: passed by the caller
-(a mirror manifest's "sha256"), or published by the host (the Hugging Face hub sends an LFS file's SHA-256 as
-X-Linked-Etag). A verified hash is remembered next to the file (.<name>.sha256), so a file corrupted on disk
+(a mirror manifest's "sha256"), listed in the mirror's SHA256SUMS (`sha256sum` format, paths relative to the
+mirror root; `picochat data manifest --sums ROOT` writes it), or published by the host (the Hugging Face hub
+sends an LFS file's SHA-256 as X-Linked-Etag). A verified hash is remembered next to the file (.<name>.sha256), so a file corrupted on disk
 later is detected on the next run and fetched again. A bad body is retried; a bad file in a local mirror is an
 error naming it. An interrupted HTTP download keeps its bytes in <name>.partial and the next attempt (or run)
 asks only for the rest (HTTP Range); a server that ignores Range just sends the whole file again.
@@ -44,6 +45,7 @@ MIRROR_HINT = ("set PICOCHAT_MIRROR (or pass --mirror) to an http(s) mirror URL 
                "laid out like shared/data, e.g. export PICOCHAT_MIRROR=/path/to/shared/data")
 
 _mirror_override = None  # set by set_mirror(); wins over the environment
+_sums_cache = {}         # mirror -> {relpath: sha256} from its SHA256SUMS ({} when it has none)
 
 
 class DownloadError(RuntimeError):
@@ -65,6 +67,27 @@ def _published_sha256(response) -> str | None:
         if _HEX64.match(tag):
             return tag
     return None
+
+
+def parse_sums(text: str) -> dict:
+    """`sha256sum` output (`<hex>  <path>` or `<hex> *<path>` per line) -> {path: hex}."""
+    sums = {}
+    for line in text.splitlines():
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) == 2 and _HEX64.match(parts[0].lower()):
+            sums[parts[1].lstrip("*").removeprefix("./")] = parts[0].lower()
+    return sums
+
+
+def mirror_sha256(relpath: str) -> str | None:
+    """The SHA-256 the active mirror's SHA256SUMS lists for `relpath` (None: no mirror, no file, or not listed)."""
+    mirror = get_mirror()
+    if mirror is None:
+        return None
+    if mirror not in _sums_cache:
+        text = fetch_text("SHA256SUMS")
+        _sums_cache[mirror] = parse_sums(text) if text else {}
+    return _sums_cache[mirror].get(relpath.lstrip("/"))
 
 
 def _hash_record(dest: Path) -> Path:
@@ -222,7 +245,7 @@ def download(relpath: str, default_url, dest, validate=None, sha256=None, retrie
 
 
 def _download(relpath, default_url, dest: Path, validate, sha256, retries, timeout, progress, backoff) -> Path:
-    sha256 = sha256.lower() if sha256 else None
+    sha256 = (sha256 or mirror_sha256(relpath) or "").lower() or None
     if dest.exists():
         problem = check_present(dest, sha256)
         if problem is None and validate is not None:

@@ -250,3 +250,28 @@ def test_weights_that_do_not_fit_the_meta_are_a_clear_error(picochat_home, tiny_
     (d / "meta_000001.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"do not match the model its meta describes .*transformer\..*weights \(.*64.*\) vs model"):
         load_model("base", "cpu", step=1)
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_earlier_checkpoints(ck, picochat_home, monkeypatch,
+                                                                                capsys):
+    import errno
+    _save(ck, 2)
+    before = {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()}
+    real = ckpt.save_file
+    def fills_the_disk(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:  # the write got half way
+            f.truncate(f.seek(0, 2) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt, "save_file", fills_the_disk)
+    with pytest.raises(ckpt.DiskFull, match=r"no space left to write .*model_000004.*earlier checkpoints .* intact"):
+        _save(ck, 4)
+    assert {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()} == before  # nothing new, nothing lost
+    assert find_last_step(ck) == 2
+    # through the CLI: one line and its own exit code, no traceback
+    from picochat import __main__ as cli
+    from picochat.stages import report
+    monkeypatch.setattr(report, "main", lambda argv: _save(ck, 6))
+    assert cli.main(["report"]) == ckpt.DiskFull.exit_code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([l for l in err.splitlines() if "error:" in l]) == 1

@@ -386,3 +386,23 @@ def test_a_corrupt_shard_read_names_the_file_and_the_fix(shared_data, tmp_path):
     with pytest.raises(ValueError, match=r"shard_00000\.parquet: row group 0 cannot be read .*picochat data download"):
         dataset.read_row_group(pf, 0, bad)
     assert "CORRUPT" in data_stage._integrity(bad, deep=True)
+
+
+def test_mirror_sha256sums_cover_every_file(tmp_path, monkeypatch):
+    root = tmp_path / "mirror"
+    (root / "gsm8k").mkdir(parents=True)
+    (root / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?"}\n')
+    (root / "words").mkdir()
+    (root / "words" / "words_alpha.txt").write_text("apple\nbanana\n")
+    assert data_stage.main(["manifest", "--sums", str(root)]) == 0
+    sums = fetch.parse_sums((root / "SHA256SUMS").read_text())
+    assert set(sums) == {"gsm8k/test.jsonl", "words/words_alpha.txt"}
+    monkeypatch.setenv("PICOCHAT_MIRROR", str(root))
+    dest = tmp_path / "out" / "test.jsonl"
+    fetch.download("gsm8k/test.jsonl", None, dest, progress=False)
+    assert fetch.recorded_sha256(dest) == sums["gsm8k/test.jsonl"]
+    # the mirror's copy changes behind its SHA256SUMS: refused, naming the file; nothing half-trusted is kept
+    (root / "words" / "words_alpha.txt").write_text("apple\nbanamo\n")
+    with pytest.raises(fetch.DownloadError, match=r"words_alpha\.txt has SHA-256"):
+        fetch.download("words/words_alpha.txt", None, tmp_path / "out" / "words.txt", progress=False)
+    assert not (tmp_path / "out" / "words.txt").exists() and not _leftovers(tmp_path / "out")

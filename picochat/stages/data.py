@@ -14,7 +14,7 @@ Examples:
 import argparse
 from pathlib import Path
 
-from picochat.common import HelpFormatter
+from picochat.common import HelpFormatter, atomic_write_text, file_sha256
 from picochat import fetch
 from picochat.dataset import (DATASETS, DEFAULT_DATASET, get_data_dir, list_parquet_files, row_group_sizes,
                               download_shards, open_parquet, read_row_group, write_manifest)
@@ -76,11 +76,20 @@ def main(argv=None):
                       help="also decode every row group (slow: reads all the data; catches damage without a hash)")
     man = sub.add_parser("manifest", help="write DIR/manifest.json (files, splits, rows, sizes, SHA-256) for a mirror",
                          formatter_class=HelpFormatter)
-    man.add_argument("directory", help="a mirror's pretrain/ directory of parquet shards")
+    man.add_argument("directory", help="a mirror's pretrain/ directory of parquet shards (with --sums: the mirror root)")
+    man.add_argument("--sums", action="store_true",
+                     help="instead write DIR/SHA256SUMS over every file under the mirror root (tasks, CORE, words...)")
     args = parser.parse_args(argv)
 
     if args.command == "info":
         return _info(args.data_dir, args.dataset, args.deep)
+    if args.command == "manifest" and args.sums:
+        root = Path(args.directory)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+        text = "".join(f"{file_sha256(p)}  {p.relative_to(root).as_posix()}\n" for p in files)
+        atomic_write_text(root / "SHA256SUMS", text)
+        print(f"wrote {root / 'SHA256SUMS'}: {len(files)} files")
+        return 0
     if args.command == "manifest":
         manifest = write_manifest(args.directory)
         print(f"wrote {Path(args.directory) / 'manifest.json'}: {len(manifest['shards'])} shards with SHA-256")
