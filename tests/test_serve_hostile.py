@@ -104,11 +104,21 @@ def test_deep_json_and_big_headers_get_json_errors(stack):
         assert _healthy(c)
 
 
+class EndlessEngine(SlowEngine):
+    """Never picks an ending token (a random tiny model sometimes ends after a few tokens): 50 ms per token until
+    max_tokens or until the server stops asking."""
+    def generate(self, prompt, num_samples=1, max_tokens=None, **kw):
+        for _ in range(max_tokens):
+            time.sleep(0.05)
+            self.yielded += 1
+            yield [65] * num_samples, [1] * num_samples
+
+
 def test_a_client_that_gives_up_cancels_its_generation(stack):
     """Non-streamed: the client times out after 0.5 s; the generation stops within about a second (it does not run
     to max_tokens), the worker is free and the cancellation is counted."""
     engine, tok = stack
-    slow = SlowEngine(engine)  # 50 ms per token
+    slow = EndlessEngine(engine)
     app = create_app([(slow, tok, "cpu")], model_name=MODEL, default_top_k=0)
     with ServerThread(app) as srv:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "temperature": 1.0}

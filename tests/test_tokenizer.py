@@ -376,7 +376,7 @@ def test_tok_train_end_to_end(picochat_home, tmp_path):
 
 def test_tok_train_without_data_is_a_clear_error(picochat_home, tmp_path, capsys):
     from picochat.stages import tok_train
-    assert tok_train.main(["--data-dir", str(tmp_path / "nope"), "--vocab-size", "300"]) == 1
+    assert tok_train.main(["--data-dir", str(tmp_path / "nope"), "--vocab-size", "300"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (picochat_home / "tokenizer").exists()
 

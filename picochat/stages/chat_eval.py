@@ -54,9 +54,9 @@ def main(argv=None):
     unknown = [t for t in task_names if t not in EVAL_TASKS]
     if unknown:
         p.error(f"unknown task(s) {unknown}; choose from {'|'.join(ALL_TASKS)}")
-    tasks = {}
+    sandbox_mode = None
     if "HumanEval" in task_names:  # say (or refuse) how model-written code will run before loading anything
-        tasks["HumanEval"] = HumanEval(sandbox_mode=sandbox.mode_for_cli(p, args.unsafe_sandbox, log=print0))
+        sandbox_mode = sandbox.mode_for_cli(p, args.unsafe_sandbox, log=print0)
 
     rt = compute_init(args.device_type)
     for line in fill_sized_defaults(args, rt.device_type, SIZED):
@@ -67,6 +67,7 @@ def main(argv=None):
                                                   step=args.step)
     tag, step = meta["model_tag"], meta["step"]
     engine = Engine(model, tokenizer)
+    tasks = {"HumanEval": HumanEval(sandbox_mode=sandbox_mode)} if sandbox_mode else {}
 
     results = evaluate_tasks(model, tokenizer, engine, task_names, args.batch_size, args.num_samples,
                              args.max_new_tokens, args.temperature, args.top_k, args.max_problems, tasks=tasks)
