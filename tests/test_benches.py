@@ -72,3 +72,11 @@ def test_sandbox_bench_at_toy_size(tmp_path, picochat_home, monkeypatch, capsys)
     assert load("bench_sandbox").main(["--problems", "2", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "unsafe" in out and out.count("2/2") >= 1  # the canonical solutions pass
+
+
+def test_hf_export_bench_at_toy_size(capsys):
+    pytest.importorskip("transformers")
+    assert load("bench_hf_export").main(["--depth", "1", "--prompt-len", "4", "--new-tokens", "4", "--repeats", "1",
+                                         "--dtypes", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "(same tokens)" in out and "DIFFER" not in out

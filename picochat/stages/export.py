@@ -10,10 +10,15 @@ Then, anywhere with transformers installed (no picochat needed):
     tok = AutoTokenizer.from_pretrained(OUT_DIR)
     ids = tok.apply_chat_template(messages, add_generation_prompt=True)
 
-OUT_DIR holds model.safetensors, config.json, modeling_picochat.py (our self-contained modeling
-code), generation_config.json and the tokenizer (tokenizer.json in the HF `tokenizers` format,
-tokenizer_config.json with the chat template). The HF tokenizer reproduces ours token for token:
-the tiktoken ranks become BPE merges, the split regex becomes a Split pre-tokenizer.
+OUT_DIR holds model.safetensors (its metadata names the picochat version and the source checkpoint),
+config.json (picochat's names and the standard ones: hidden_size, num_hidden_layers, ...), modeling_picochat.py
+(our self-contained modeling code: any dtype, attention_mask, KV cache), generation_config.json and the
+tokenizer (tokenizer.json in the HF `tokenizers` format, tokenizer_config.json with the chat template, and
+tokenization_picochat.py). The HF tokenizer reproduces ours token for token: the tiktoken ranks become BPE
+merges, the split regex becomes a Split pre-tokenizer. Loaded with trust_remote_code=True it also treats text
+that spells a special token ("<|assistant_end|>" typed by a user) as plain text, as ours does; the plain
+PreTrainedTokenizerFast (trust_remote_code=False) does too when asked:
+apply_chat_template(..., sanitize_control_tokens=True).
 """
 import argparse
 import shutil
@@ -22,9 +27,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from picochat import PACKAGE_DIR
-from picochat.common import HelpFormatter, atomic_write_json, print0
+from picochat import PACKAGE_DIR, __version__
+from picochat.common import HelpFormatter, atomic_path, atomic_write_json, print0
 from picochat.checkpoint import latest_source, load_model
+from picochat.gpt import ROPE_THETA
 from picochat.tokenizer import SPLIT_PATTERN
 
 # picochat's chat format as a Jinja chat template, for transformers' apply_chat_template. It must render every
@@ -123,14 +129,48 @@ def hf_tokenizer_json(tokenizer) -> dict:
     }
 
 
+TOKENIZER_CODE = '''"""picochat's tokenizer for transformers: text that spells a special token is plain text (only the chat
+template makes special tokens), exactly as picochat's own tokenizer encodes it."""
+from transformers import PreTrainedTokenizerFast
+
+
+class PicochatTokenizerFast(PreTrainedTokenizerFast):
+    # No __init__ of its own, so transformers loads tokenizer.json as it is. Outside a chat template, text that
+    # spells a special token is encoded as ordinary text (as picochat does); inside apply_chat_template the
+    # template's own special tokens count, and the same text inside a message is sanitized back to plain text.
+    _rendering_template = False
+
+    @property
+    def split_special_tokens(self):
+        return not self._rendering_template
+
+    @split_special_tokens.setter
+    def split_special_tokens(self, value):
+        pass  # fixed by the class (see above)
+
+    def apply_chat_template(self, conversation, *args, tokenize=True, **kwargs):
+        if tokenize:
+            kwargs.setdefault("sanitize_control_tokens", True)
+        self._rendering_template = True
+        try:
+            return super().apply_chat_template(conversation, *args, tokenize=tokenize, **kwargs)
+        finally:
+            self._rendering_template = False
+'''
+
+
 def export_hf(model, tokenizer, out_dir, meta=None):
-    """Write `model` + `tokenizer` as a transformers directory. Returns the path."""
+    """Write `model` + `tokenizer` as a transformers directory. Returns the path. Every file is written to a temp
+    name and renamed, with the usual permissions (0644 under the default umask)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     bos = tokenizer.get_bos_token_id()
     eos = tokenizer.encode_special("<|assistant_end|>")
     window_sizes = [int(w) for w in model.window_sizes]
+    meta = meta or {}
+    source = {"picochat_version": __version__, "picochat_format": "hf-export-1", "source_stage": meta.get("source"),
+              "source_model_tag": meta.get("model_tag"), "source_step": meta.get("step")}
     config = {
         "architectures": ["PicochatForCausalLM"], "model_type": "picochat",
         "auto_map": {"AutoConfig": "modeling_picochat.PicochatConfig",
@@ -138,19 +178,28 @@ def export_hf(model, tokenizer, out_dir, meta=None):
         "sequence_len": cfg.sequence_len, "vocab_size": cfg.vocab_size, "n_layer": cfg.n_layer,
         "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head, "n_embd": cfg.n_embd,
         "window_pattern": cfg.window_pattern, "window_sizes": window_sizes,
-        "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": "float32", "tie_word_embeddings": False,
-        "picochat": {"source_meta_step": (meta or {}).get("step")},
+        # the standard names, for tools that read config.json without our code (vLLM, llama.cpp converters, ...)
+        "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "max_position_embeddings": cfg.sequence_len,
+        "intermediate_size": 4 * cfg.n_embd, "head_dim": cfg.n_embd // cfg.n_head, "rope_theta": ROPE_THETA,
+        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": bos, "torch_dtype": "float32",
+        "tie_word_embeddings": False, "use_cache": True, "picochat": source,
     }
     atomic_write_json(out / "config.json", config)
     atomic_write_json(out / "generation_config.json", {
-        "bos_token_id": bos, "eos_token_id": [eos, bos], "pad_token_id": bos, "use_cache": False})
-    shutil.copyfile(PACKAGE_DIR / "hf_modeling.py", out / "modeling_picochat.py")
+        "bos_token_id": bos, "eos_token_id": [eos, bos], "pad_token_id": bos, "use_cache": True})
+    with atomic_path(out / "modeling_picochat.py") as tmp:
+        shutil.copyfile(PACKAGE_DIR / "hf_modeling.py", tmp)
+    with atomic_path(out / "tokenization_picochat.py") as tmp:
+        tmp.write_text(TOKENIZER_CODE, encoding="utf-8")
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", **{k: str(v) for k, v in source.items()}})
     atomic_write_json(out / "tokenizer.json", hf_tokenizer_json(tokenizer))
     atomic_write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
         "pad_token": "<|bos|>", "add_bos_token": False, "add_eos_token": False,
+        "auto_map": {"AutoTokenizer": [None, "tokenization_picochat.PicochatTokenizerFast"]},
         "model_max_length": cfg.sequence_len, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
     })
     atomic_write_json(out / "special_tokens_map.json", {
