@@ -1,6 +1,7 @@
 """
-The OpenAI chat-completions request as picochat serve accepts it: limits, and validation that turns every
-malformed request into an APIError (HTTP 400 with an OpenAI-style error body) naming the field and the fix.
+The OpenAI chat-completions and (legacy) completions requests as picochat serve accepts them: limits, and
+validation that turns every malformed request into an APIError (HTTP 400 with an OpenAI-style error body) naming
+the field and the fix.
 """
 import json
 import math
@@ -41,6 +42,11 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     stop: list = field(default_factory=list)
+    logprobs: int | None = None   # top alternatives per token to report (0: only the chosen token's); None: off
+    prompt_tokens: list | None = None  # /v1/completions: the raw prompt as token ids (no chat template)
+    echo: bool = False            # /v1/completions: the prompt comes back in front of the text (and its logprobs)
+
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 20 on chat, 5 on legacy completions)
 
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -195,14 +201,109 @@ def parse_chat_request(body, limits: Limits, defaults: dict) -> ChatRequest:
     for key in ("frequency_penalty", "presence_penalty"):
         if body.get(key) not in (None, 0, 0.0):
             raise APIError(f"'{key}' is not supported (only 0)", param=key, code="unsupported")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise APIError("'logprobs' is not supported", param="logprobs", code="unsupported")
+    logprobs = body.get("logprobs")
+    if logprobs not in (None, True, False):
+        raise APIError("'logprobs' must be true or false", param="logprobs", code="invalid_type")
+    top = _number(body, "top_logprobs", 0, MAX_LOGPROBS, None, integer=True)
+    if top is not None and not logprobs:
+        raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    logprobs = (top or 0) if logprobs else None
+    if logprobs is not None and stream:
+        raise APIError("'logprobs' is only available without streaming (stream: false)", param="logprobs",
+                       code="unsupported")
     if body.get("tools") or body.get("functions"):
         raise APIError("'tools' are not supported", param="tools", code="unsupported")
+    _refuse_unhonoured(body)
+    return ChatRequest(messages=messages, max_tokens=int(max_tokens), temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=int(seed), n=int(n), stream=stream, include_usage=include_usage, stop=stop,
+                       logprobs=logprobs)
+
+def _refuse_unhonoured(body):
     for key, harmless in UNHONOURED.items():
         if key in body and body[key] not in harmless:  # silently ignoring it would give the client other output
             raise APIError(f"'{key}' is not supported by this server (allowed: {harmless!r})", param=key,
                            code="unsupported")
-    return ChatRequest(messages=messages, max_tokens=int(max_tokens), temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=int(seed), n=int(n), stream=stream, include_usage=include_usage, stop=stop)
+
+def _sampling(body, limits, defaults, max_tokens_default, max_tokens_floor):
+    """The sampling fields both endpoints share -> dict."""
+    max_tokens = _number(body, "max_tokens", max_tokens_floor, limits.max_tokens_limit, None, integer=True)
+    if max_tokens is None:
+        max_tokens = min(max_tokens_default, limits.max_tokens_limit)
+    top_p = _number(body, "top_p", 0.0, 1.0, None, lo_open=True)
+    top_k = _number(body, "top_k", 0, limits.max_top_k, defaults["top_k"], integer=True)
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise APIError("'seed' must be an integer", param="seed", code="invalid_type")
+    stream = False if body.get("stream") is None else body["stream"]
+    if not isinstance(stream, bool):
+        raise APIError("'stream' must be true or false", param="stream", code="invalid_type")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stop, list) or len(stop) > limits.max_stop
+            or not all(isinstance(s, str) and 0 < len(s) <= limits.max_stop_chars for s in stop)):
+        raise APIError(f"'stop' must be a string or a list of at most {limits.max_stop} non-empty strings "
+                       f"of at most {limits.max_stop_chars} characters", param="stop", code="invalid_value")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if body.get(key) not in (None, 0, 0.0):
+            raise APIError(f"'{key}' is not supported (only 0)", param=key, code="unsupported")
+    return dict(max_tokens=int(max_tokens), temperature=float(_number(body, "temperature", 0.0, 2.0,
+                                                                      defaults["temperature"])),
+                top_p=None if top_p is None or top_p >= 1.0 else float(top_p), top_k=int(top_k) if top_k else None,
+                n=int(_number(body, "n", 1, limits.max_n, 1, integer=True)), stream=stream, stop=stop,
+                seed=random.randint(0, 2**31 - 1) if seed is None else seed % 2**63)
+
+def parse_completion_request(body, limits: Limits, defaults: dict, encode, vocab_size: int) -> list:
+    """Validate an OpenAI /v1/completions body -> one ChatRequest per prompt (prompt_tokens set, messages empty).
+    prompt: a string, a list of strings, a list of token ids, or a list of such lists. encode: str -> ids.
+    max_tokens may be 0 with echo (score the prompt only), as OpenAI allows; default 16, as OpenAI's."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object", code="invalid_type")
+    prompt = body.get("prompt")
+    is_ids = lambda p: isinstance(p, list) and p and all(_is_int(t) for t in p)
+    if isinstance(prompt, str) or is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise APIError("'prompt' must be a string, a list of strings, a list of token ids, or a list of token-id "
+                       "lists (none of them empty)", param="prompt", code="invalid_type")
+    if len(prompts) > limits.max_messages:
+        raise APIError(f"too many prompts: {len(prompts)} > {limits.max_messages}", param="prompt",
+                       code="too_many_prompts")
+    token_lists = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if len(p) > limits.max_total_chars:
+                raise APIError(f"prompt {i} is too long: {len(p)} > {limits.max_total_chars} characters",
+                               param="prompt", code="content_too_long")
+            ids = encode(p)
+        else:
+            bad = [t for t in p if not 0 <= t < vocab_size]
+            if bad:
+                raise APIError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}",
+                               param="prompt", code="invalid_value")
+            ids = list(p)
+        if not ids:
+            raise APIError(f"prompt {i} is empty", param="prompt", code="empty_content")
+        token_lists.append(ids)
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise APIError("'echo' must be true or false", param="echo", code="invalid_type")
+    logprobs = _number(body, "logprobs", 0, MAX_LOGPROBS, None, integer=True)
+    if body.get("suffix") not in (None, ""):
+        raise APIError("'suffix' (insertion) is not supported", param="suffix", code="unsupported")
+    if body.get("best_of") not in (None, 1):
+        raise APIError("'best_of' is not supported (only 1)", param="best_of", code="unsupported")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise APIError("'model' must be a string", param="model", code="invalid_type")
+    s = _sampling(body, limits, defaults, 16, 0 if echo else 1)
+    if logprobs is not None and s["stream"]:
+        raise APIError("'logprobs' is only available without streaming (stream: false)", param="logprobs",
+                       code="unsupported")
+    if s["max_tokens"] == 0 and s["stream"]:
+        raise APIError("'max_tokens': 0 (score the prompt) needs stream: false", param="max_tokens",
+                       code="invalid_value")
+    _refuse_unhonoured(body)
+    return [ChatRequest(messages=[], prompt_tokens=ids, echo=echo, logprobs=logprobs, include_usage=False, **s)
+            for ids in token_lists]
 

@@ -26,6 +26,8 @@ import logging
 MAX_HEADER_BYTES = 16 * 1024
 H11_MAX_EVENT_BYTES = 256 * 1024   # uvicorn's header parser limit: above ours, so ours answers first, in JSON
 MAX_JSON_DEPTH = 32                 # a chat request nests 5 deep (body, messages, message, content parts, part)
+DRAIN_BYTES = 8 * 1024 * 1024       # an oversized body up to this size is read and dropped before the 413, so the
+                                    # client, still sending, gets the answer instead of a connection reset
 
 logger = logging.getLogger("picochat")
 
@@ -68,6 +70,17 @@ class RequestGuard:
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
+    async def _drain(self, receive, size):
+        """Read and drop the rest of a body, up to DRAIN_BYTES in all (past that the connection just closes)."""
+        try:
+            while size <= DRAIN_BYTES:
+                message = await asyncio.wait_for(receive(), timeout=self.timeout)
+                size += len(message.get("body", b""))
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+        except asyncio.TimeoutError:
+            return
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -77,6 +90,8 @@ class RequestGuard:
                                                 f"{self.max_headers})", "headers_too_large")
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body:
+            if int(declared) <= DRAIN_BYTES:
+                await self._drain(receive, 0)
             return await self._reply(send, 413, f"request body too large ({int(declared)} bytes; limit "
                                                 f"{self.max_body})", "body_too_large")
         chunks, size = [], 0
@@ -97,6 +112,7 @@ class RequestGuard:
             return await self._reply(send, 408, f"the request body stalled for {self.timeout:g} s; send it "
                                                 "without pauses", "body_timeout")
         except _TooLarge:
+            await self._drain(receive, size)
             return await self._reply(send, 413, f"request body too large (over {self.max_body} bytes)",
                                      "body_too_large")
 
@@ -111,3 +127,28 @@ class RequestGuard:
             return await receive()  # after the body: the real connection (http.disconnect)
 
         return await self.app(scope, replay, send)
+
+
+class RequestMetrics:
+    """ASGI middleware that reports every HTTP request once it has ENDED (the last byte of a stream sent, or the
+    client gone): on_done(path, status, seconds). Paths outside `known` are reported as "other", so a scanner
+    probing random URLs cannot grow the metrics without bound."""
+    def __init__(self, app, on_done, known=()):
+        self.app, self.on_done, self.known = app, on_done, frozenset(known)
+        self.state = getattr(app, "state", None)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = asyncio.get_running_loop().time(), [500]
+
+        async def send_and_watch(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            path = scope["path"] if scope["path"] in self.known else "other"
+            self.on_done(path, status[0], asyncio.get_running_loop().time() - t0)

@@ -8,7 +8,8 @@ import httpx
 import pytest
 import torch
 
-from picochat.stages.serve import create_app, Limits, _Row, main as serve_main
+from picochat.stages.serve import create_app, Limits, main as serve_main
+from picochat.serving import Row as _Row
 from server_thread import ServerThread
 
 MODEL = "picochat-tiny"
@@ -316,7 +317,9 @@ def _malformed(limits):
         ("stop empty", {"messages": ok, "stop": [""]}),
         ("stop number", {"messages": ok, "stop": 5}),
         ("model number", {"messages": ok, "model": 7}),
-        ("logprobs", {"messages": ok, "logprobs": True}),
+        ("logprobs with streaming", {"messages": ok, "logprobs": True, "stream": True}),
+        ("top_logprobs without logprobs", {"messages": ok, "top_logprobs": 3}),
+        ("top_logprobs over 20", {"messages": ok, "logprobs": True, "top_logprobs": 21}),
         ("tools", {"messages": ok, "tools": [{"type": "function", "function": {"name": "f"}}]}),
         ("presence penalty", {"messages": ok, "presence_penalty": 1.0}),
         # what the server cannot honour is refused, never silently ignored (a JSON-mode client broke on that)
@@ -434,6 +437,13 @@ def test_serve_loads_a_checkpoint(picochat_home, tiny_tokenizer, monkeypatch):
         assert c.get("/v1/models").json()["data"][0]["id"] == "picochat-sft-d2"
         many = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
         assert c.post("/v1/chat/completions", json={"messages": many}).status_code == 400
+    # a base checkpoint serves raw completion (its natural interface) through /v1/completions
+    save_checkpoint(checkpoint_dir("base", "d2"), 3, model, None, {"model_config": model.config.to_dict()})
+    assert serve_main(["--device-type", "cpu", "-i", "base"]) == 0
+    with __import__("fastapi.testclient").testclient.TestClient(seen["app"]) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == "picochat-base-d2"
+        r = c.post("/v1/completions", json={"prompt": "The quick brown", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and r.json()["object"] == "text_completion" and r.json()["usage"]["completion_tokens"] >= 1
 
 def test_serve_without_checkpoints_says_what_to_do(picochat_home, capsys):
     assert serve_main(["--device-type", "cpu"]) == 2  # a user's mistake: exit code 2, one line

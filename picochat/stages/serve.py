@@ -13,16 +13,14 @@ r"""
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="picochat", messages=[{"role": "user", "content": "Hi!"}])
 
-Endpoints: POST /v1/chat/completions (stream and non-stream), GET /v1/models, GET /health, GET /stats,
-GET / (the web UI, picochat/ui.html), and POST /chat/completions (nanochat's simple UI protocol:
+Endpoints: POST /v1/chat/completions (stream and non-stream; logprobs/top_logprobs without streaming),
+POST /v1/completions (raw text completion for base and chat checkpoints alike: a prompt string, strings or token
+ids; stream or not; logprobs with top-k alternatives and echo, so a harness such as lm-eval's local-completions
+can score a prompt), GET /v1/models (with the context length), GET /metrics (Prometheus), GET /health,
+GET /stats, GET / (the web UI, picochat/ui.html), and POST /chat/completions (nanochat's simple UI protocol:
 `data: {"token": ...}` events ending with `data: {"done": true}`).
 
-Design: every model replica ("worker") sits in an asyncio.Queue of idle workers. A request takes one, and a
-thread runs the (synchronous) Engine, pushing decoded text into that request's own asyncio queue, so
-concurrent streams can never mix. The generation thread owns the worker until it exits and then puts it
-back itself, so a worker is never returned while its engine is still running. A client disconnect sets
-the request's cancel flag; the thread stops at the next token and the worker is free again.
-The prompt comes from Engine.chat_prompt. A conversation that does not fit the context is refused with a 400
+The worker pool and the generation threads are picochat/serving.py. The prompt comes from Engine.chat_prompt. A conversation that does not fit the context is refused with a 400
 (context_length_exceeded), or, with --truncate-prompts, trimmed by the engine's context policy (oldest turns
 first); either way a long chat never crashes the server.
 """
@@ -34,210 +32,25 @@ import time
 import uuid
 import asyncio
 import argparse
-import threading
-from dataclasses import dataclass
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, HTMLResponse, StreamingResponse
+from fastapi.responses import JSONResponse, HTMLResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 import torch
 import uvicorn
 from fastapi.middleware.cors import CORSMiddleware
 
 from picochat import PACKAGE_DIR
-from picochat.api_schema import Limits, APIError, ChatRequest, parse_chat_request
+from picochat.api_schema import Limits, APIError, ChatRequest, parse_chat_request, parse_completion_request
 from picochat.checkpoint import load_model, latest_source
 from picochat.common import HelpFormatter, autodetect_device_type, check_device_type, logger
-from picochat.engine import Engine, TextStreamer
-from picochat.http_guard import RequestGuard, H11_MAX_EVENT_BYTES, MAX_JSON_DEPTH, json_depth
+from picochat.engine import Engine
+from picochat.serving import Generation, Server, Worker, sequence_len
+from picochat.http_guard import RequestGuard, RequestMetrics, H11_MAX_EVENT_BYTES, MAX_JSON_DEPTH, json_depth
 
 UI_PATH = PACKAGE_DIR / "ui.html"
-
-# -----------------------------------------------------------------------------
-# Workers and generation
-
-@dataclass
-class Worker:
-    id: int
-    engine: object
-    tokenizer: object
-    device: object
-    busy: bool = False
-
-class _Row:
-    """One choice being decoded: UTF-8-safe text via TextStreamer, stop-string matching with a hold-back
-    window (text that might be the beginning of a stop string is not emitted until it is resolved)."""
-    def __init__(self, streamer, stops):
-        self.streamer, self.stops = streamer, stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.pending, self.text = "", ""
-        self.tokens, self.done, self.finish_reason = 0, False, None
-
-    def _emit(self, piece, final=False):
-        self.pending += piece
-        hits = [j for j in (self.pending.find(stop) for stop in self.stops) if j >= 0]
-        if hits:  # the earliest stop string ends the choice; it is not part of the text
-            out, self.pending = self.pending[:min(hits)], ""
-            self.done, self.finish_reason = True, "stop"
-        else:
-            cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
-            out, self.pending = self.pending[:cut], self.pending[cut:]
-        self.text += out
-        return out
-
-    def add(self, token_id) -> str:
-        self.tokens += 1
-        return self._emit(self.streamer.add(token_id))
-
-    def finish(self, reason) -> str:
-        out = self._emit(self.streamer.finish(), final=True) if not self.done else ""
-        if not self.done:
-            self.done, self.finish_reason = True, reason
-        return out
-
-def _sequence_len(engine):
-    model = getattr(engine, "model", None)
-    config = getattr(model, "config", None)
-    return getattr(config, "sequence_len", None)
-
-class Generation:
-    """One request's generation on one worker, in a thread. Events go to `self.events` (an asyncio.Queue):
-    ("delta", index, text) / ("finish", index, reason) / ("end", usage dict) / ("error", message)."""
-    def __init__(self, server, worker: Worker, req: ChatRequest):
-        self.server, self.worker, self.req = server, worker, req
-        self.loop = asyncio.get_running_loop()
-        self.events = asyncio.Queue()
-        self.cancel = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"picochat-gen-w{worker.id}", daemon=True)
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def _put(self, *event):
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # event loop already closed (server shutting down)
-            pass
-
-    def _run(self):
-        req, engine, tok = self.req, self.worker.engine, self.worker.tokenizer
-        rows, prompt, final = [], [], ("error", "generation was interrupted")
-        t0 = time.time()
-        try:
-            with torch.inference_mode():
-                prompt = engine.chat_prompt(req.messages, req.max_tokens)
-                seq_len = _sequence_len(engine)
-                # the engine caps max_tokens at what fits in the context; mirror that to label "length" honestly
-                budget = req.max_tokens if seq_len is None else max(0, min(req.max_tokens, seq_len - len(prompt)))
-                terminal = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
-                rows = [_Row(TextStreamer(tok), req.stop) for _ in range(req.n)]
-                gen = engine.generate(prompt, num_samples=req.n, max_tokens=req.max_tokens,
-                                      temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed)
-                try:
-                    for column, _masks in gen:
-                        if self.cancel.is_set():
-                            break
-                        for i, token in enumerate(column):
-                            row = rows[i]
-                            if row.done:
-                                continue
-                            if token in terminal:
-                                out = row.finish("stop")
-                            else:
-                                out = row.add(token)
-                            if out:
-                                self._put("delta", i, out)
-                            if row.done:
-                                self._put("finish", i, row.finish_reason)
-                        if all(r.done for r in rows):
-                            break
-                finally:
-                    gen.close()
-                if not self.cancel.is_set():
-                    for i, row in enumerate(rows):
-                        if not row.done:  # the engine stopped without a terminal token: length, or an early stop
-                            out = row.finish("length" if row.tokens >= budget else "stop")
-                            if out:
-                                self._put("delta", i, out)
-                            self._put("finish", i, row.finish_reason)
-            completion = sum(r.tokens for r in rows)
-            final = ("end", {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                             "total_tokens": len(prompt) + completion})
-            dt = time.time() - t0  # sizes and speed only: conversation text is never logged
-            logger.info("worker %d: %d prompt + %d completion tokens in %.2fs (%.1f tok/s)%s", self.worker.id,
-                        len(prompt), completion, dt, completion / max(dt, 1e-9),
-                        " [client disconnected]" if self.cancel.is_set() else "")
-        except Exception as e:  # never kill the worker; report to the client
-            logger.exception("generation failed on worker %d", self.worker.id)
-            final = ("error", f"generation failed: {type(e).__name__}: {e}")
-        finally:
-            # give the worker back BEFORE the last event, so a client that got its answer sees it free
-            outcome = "cancelled" if self.cancel.is_set() else "failed" if final[0] == "error" else "served"
-            self.server.release(self.worker, sum(r.tokens for r in rows), outcome)
-        self._put(*final)
-
-class Server:
-    """The worker pool and counters shared by all requests of one app."""
-    def __init__(self, workers, model_name, limits, defaults):
-        self.workers = [w if isinstance(w, Worker) else Worker(i, *w) for i, w in enumerate(workers)]
-        self.model_name, self.limits, self.defaults = model_name, limits, defaults
-        self.started = time.time()
-        self.created = int(self.started)
-        self.pool = None          # asyncio.Queue, made inside the running loop (startup)
-        self.loop = None
-        self.lock = threading.Lock()
-        self.requests_served = self.requests_cancelled = self.requests_failed = 0
-        self.tokens_generated = self.prompt_tokens = 0
-        self.waiting = 0
-
-    def start(self):
-        self.loop = asyncio.get_running_loop()
-        self.pool = asyncio.Queue()
-        for w in self.workers:
-            w.busy = False
-            self.pool.put_nowait(w)
-
-    async def acquire(self) -> Worker:
-        if not self.workers:
-            raise APIError("no model is loaded on this server", code="model_not_loaded", status=503,
-                           type_="server_error")
-        self.waiting += 1
-        try:
-            w = await self.pool.get()
-        finally:
-            self.waiting -= 1
-        w.busy = True
-        return w
-
-    def release(self, worker, tokens, outcome):
-        """Called from the generation thread when it is completely done with the worker.
-        outcome: "served" | "cancelled" (client left) | "failed" (the engine raised)."""
-        with self.lock:
-            self.tokens_generated += tokens
-            key = {"served": "requests_served", "cancelled": "requests_cancelled"}.get(outcome, "requests_failed")
-            setattr(self, key, getattr(self, key) + 1)
-        def _back():
-            worker.busy = False
-            self.pool.put_nowait(worker)
-        try:
-            self.loop.call_soon_threadsafe(_back)
-        except RuntimeError:
-            pass
-
-    def stats(self):
-        busy = sum(w.busy for w in self.workers)
-        return {
-            "model": self.model_name,
-            "total_workers": len(self.workers), "busy_workers": busy, "available_workers": len(self.workers) - busy,
-            "waiting_requests": self.waiting,
-            "requests_served": self.requests_served, "requests_cancelled": self.requests_cancelled,
-            "requests_failed": self.requests_failed,
-            "tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
-            "uptime_seconds": round(time.time() - self.started, 3),
-            "workers": [{"id": w.id, "device": str(w.device), "busy": w.busy} for w in self.workers],
-        }
 
 # -----------------------------------------------------------------------------
 # The app
@@ -315,24 +128,33 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
     async def stats():
         return server.stats()
 
+    def model_card():
+        # context_length / max_model_len: the names other OpenAI-compatible servers (vLLM, ...) report it under
+        ctx = sequence_len(server.workers[0].engine) if server.workers else None
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "picochat",
+                "context_length": ctx, "max_model_len": ctx}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "picochat"}]}
+        return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str):
         if model_id != server.model_name:
             raise APIError(f"model {model_id!r} does not exist; this server has {server.model_name!r}",
                            param="model", code="model_not_found", status=404)
-        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "picochat"}
+        return model_card()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def check_context(req: ChatRequest):
         """By default a conversation that does not fit the context is refused (OpenAI's context_length_exceeded);
         with truncate_prompts the engine drops its oldest turns instead (the terminal chat's policy)."""
         worker = server.workers[0] if server.workers else None
         limit = getattr(worker.engine, "prompt_limit", None) if worker else None
-        if truncate_prompts or limit is None:
+        if truncate_prompts or limit is None or req.prompt_tokens is not None:  # (completions check their own)
             return
         n = len(worker.tokenizer.render_conversation({"messages": req.messages}, max_tokens=1 << 62)[0]) + 1
         if n > limit(req.max_tokens):
@@ -361,6 +183,49 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
             return _GenerationStream(_openai_stream(gen, req, head, server), gen)
         return await _openai_complete(gen, req, head, server, request)
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        """Raw text completion (no chat template): base and chat checkpoints alike."""
+        if not server.workers:
+            raise APIError("no model is loaded on this server", code="model_not_loaded", status=503,
+                           type_="server_error")
+        tok = server.workers[0].tokenizer
+        body = await read_json(request)
+        reqs = parse_completion_request(body, limits, defaults, tok.encode, tok.get_vocab_size())
+        ctx = sequence_len(server.workers[0].engine)
+        for i, r in enumerate(reqs):
+            n = len(r.prompt_tokens) + (r.prompt_tokens[0] != tok.get_bos_token_id())
+            if ctx is not None and n + (r.max_tokens > 0) > ctx:
+                raise APIError(f"prompt {i} takes {n} tokens (with BOS); this model's context is {ctx} and at least "
+                               "one more is needed to complete it. Shorten the prompt", param="prompt",
+                               code="context_length_exceeded")
+        prompts = body["prompt"] if isinstance(body["prompt"], list) and not isinstance(body["prompt"][0], int) \
+            else [body["prompt"]]
+        echo_texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+        head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
+                "model": server.model_name, "system_fingerprint": "picochat"}
+        if reqs[0].stream:
+            return _GenerationStream(_completion_stream(reqs, echo_texts, head, start_generation), None)
+        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for p, (r, echo_text) in enumerate(zip(reqs, echo_texts)):
+            gen = await start_generation(r)
+            got = await _collect(gen, r.n, request)
+            if got is None:
+                return JSONResponse({}, status_code=499)
+            texts, reasons, u, details = got
+            usage = {k: usage[k] + u[k] for k in usage}
+            for j in range(r.n):
+                lp = None
+                if details["logprobs"] is not None:
+                    entries = details["logprobs"][j]
+                    if r.echo and not details["bos_added"]:  # the client's own first token has no context
+                        entries = [(details["prompt"][0], None, [])] + entries
+                    lp = completion_logprobs(tok, entries, r.logprobs)
+                choices.append({"text": (echo_text if r.echo else "") + texts[j], "index": p * r.n + j,
+                                "logprobs": lp, "finish_reason": reasons[j] or "stop"})
+        server.prompt_tokens += usage["prompt_tokens"]
+        return JSONResponse({**head, "choices": choices, "usage": usage})
+
     @app.post("/chat/completions")
     async def chat_completions_simple(request: Request):
         """nanochat's UI protocol: {messages, temperature?, max_tokens?, top_k?} -> data: {"token"} ... {"done"}."""
@@ -383,7 +248,12 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
                     return
         return _GenerationStream(events(), gen)
 
-    return RequestGuard(app, max_body_bytes=max_body, body_timeout=body_timeout)
+    def record(path, status, seconds):
+        server.metrics.requests.labels(path, str(status)).inc()
+        server.metrics.latency.labels(path).observe(seconds)
+    known = ("/", "/health", "/stats", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+             "/chat/completions")
+    return RequestMetrics(RequestGuard(app, max_body_bytes=max_body, body_timeout=body_timeout), record, known)
 
 class _GenerationStream(StreamingResponse):
     """A StreamingResponse that cancels its generation however the response ends: finished, client gone
@@ -397,7 +267,8 @@ class _GenerationStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.gen.cancel.set()  # no-op when the generation already ended
+            if self.gen is not None:  # (a multi-prompt stream cancels its current generation itself)
+                self.gen.cancel.set()  # no-op when the generation already ended
             try:
                 await self.body_iterator.aclose()
             except BaseException:
@@ -430,8 +301,10 @@ async def _openai_stream(gen: Generation, req: ChatRequest, head: dict, server: 
             yield "data: [DONE]\n\n"
             return
 
-async def _openai_complete(gen: Generation, req: ChatRequest, head: dict, server: Server, request):
-    texts, reasons = [""] * req.n, [None] * req.n
+async def _collect(gen: Generation, n: int, request):
+    """Wait for a non-streamed generation: (texts, finish reasons, usage, details), or None when the client left
+    (the generation is then cancelled)."""
+    texts, reasons = [""] * n, [None] * n
     next_check = time.monotonic() + 0.25
     try:
         while True:
@@ -441,7 +314,7 @@ async def _openai_complete(gen: Generation, req: ChatRequest, head: dict, server
                 if await request.is_disconnected():
                     gen.cancel.set()
                     logger.info("client left before its answer was ready; generation cancelled")
-                    return JSONResponse({}, status_code=499)
+                    return None
             try:
                 ev = await asyncio.wait_for(gen.events.get(), timeout=0.25)
             except asyncio.TimeoutError:
@@ -453,14 +326,70 @@ async def _openai_complete(gen: Generation, req: ChatRequest, head: dict, server
             elif ev[0] == "error":
                 raise APIError(ev[1], code="generation_failed", status=500, type_="server_error")
             elif ev[0] == "end":
-                usage = ev[1]
-                break
+                return texts, reasons, ev[1], ev[2]
     finally:
         gen.cancel.set()  # no-op when finished; stops the thread if this handler was cancelled
+
+def _token_text(tok, token_id) -> str:
+    return tok.decode_bytes([token_id]).decode("utf-8", errors="replace")
+
+def chat_logprobs(tok, entries):
+    """OpenAI chat format: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}."""
+    def item(t, lp):
+        return {"token": _token_text(tok, t), "logprob": lp, "bytes": list(tok.decode_bytes([t]))}
+    return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in alt]} for t, lp, alt in entries]}
+
+def completion_logprobs(tok, entries, top: int):
+    """OpenAI legacy format: parallel lists tokens / token_logprobs / top_logprobs / text_offset."""
+    tokens = [_token_text(tok, t) for t, _, _ in entries]
+    offsets, pos = [], 0
+    for text in tokens:
+        offsets.append(pos)
+        pos += len(text)
+    top_lists = [({_token_text(tok, a): v for a, v in alt} if lp is not None else None) for _, lp, alt in entries]
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": top_lists if top else None, "text_offset": offsets}
+
+async def _openai_complete(gen: Generation, req: ChatRequest, head: dict, server: Server, request):
+    got = await _collect(gen, req.n, request)
+    if got is None:
+        return JSONResponse({}, status_code=499)
+    texts, reasons, usage, details = got
     server.prompt_tokens += usage["prompt_tokens"]
-    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+    tok = gen.worker.tokenizer
+    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                "logprobs": chat_logprobs(tok, details["logprobs"][i]) if details["logprobs"] is not None else None,
                 "finish_reason": reasons[i] or "stop"} for i in range(req.n)]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
+
+async def _completion_stream(reqs, echo_texts, head, start_generation):
+    """SSE for /v1/completions: the prompts one after another, choice index = prompt * n + sample."""
+    gen = None
+    try:
+        for p, (req, echo_text) in enumerate(zip(reqs, echo_texts)):
+            gen = await start_generation(req)
+            chunk = lambda i, text, reason=None: _sse({**head, "choices": [{"text": text, "index": p * req.n + i,
+                                                                             "logprobs": None,
+                                                                             "finish_reason": reason}]})
+            if req.echo:
+                for i in range(req.n):
+                    yield chunk(i, echo_text)
+            while True:
+                ev = await gen.events.get()
+                if ev[0] == "delta":
+                    yield chunk(ev[1], ev[2])
+                elif ev[0] == "finish":
+                    yield chunk(ev[1], "", ev[2])
+                elif ev[0] == "error":
+                    yield _sse({"error": {"message": ev[1], "type": "server_error", "param": None,
+                                          "code": "generation_failed"}})
+                    return
+                elif ev[0] == "end":
+                    break
+        yield "data: [DONE]\n\n"
+    finally:
+        if gen is not None:
+            gen.cancel.set()
 
 # -----------------------------------------------------------------------------
 # Running it
