@@ -80,3 +80,9 @@ def test_hf_export_bench_at_toy_size(capsys):
                                          "--dtypes", "float32"]) == 0
     out = capsys.readouterr().out
     assert "(same tokens)" in out and "DIFFER" not in out
+
+
+def test_completions_bench_at_toy_size(capsys):
+    assert load("bench_completions").main(["--depth", "1", "--requests", "2", "--gen-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "score (echo+logprobs)" in out and "generate 2" in out

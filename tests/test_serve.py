@@ -10,7 +10,7 @@ import torch
 
 from picochat.stages.serve import create_app, Limits, main as serve_main
 from picochat.serving import Row as _Row
-from server_thread import ServerThread
+from picochat.server_thread import ServerThread
 
 MODEL = "picochat-tiny"
 

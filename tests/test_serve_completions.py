@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from picochat.stages.serve import create_app
-from server_thread import ServerThread
+from picochat.server_thread import ServerThread
 from test_serve import build_tiny_model
 
 MODEL = "picochat-tiny"

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from picochat.stages.serve import create_app
-from server_thread import ServerThread
+from picochat.server_thread import ServerThread
 from test_serve import build_tiny_model, SlowEngine, MODEL
 
 HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}

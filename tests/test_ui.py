@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from picochat.stages.serve import create_app
-from server_thread import ServerThread
+from picochat.server_thread import ServerThread
 
 CHROMIUM = os.environ.get("PICOCHAT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),

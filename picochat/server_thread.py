@@ -1,9 +1,12 @@
-"""A picochat app served by uvicorn in a background thread, for the tests that need a real socket."""
+"""A picochat app served by uvicorn in a background thread: for tests, benchmarks and notebooks that need a real
+socket (`picochat serve` itself runs uvicorn in the foreground)."""
 import socket
 import threading
 import time
 
 import uvicorn
+
+from picochat.http_guard import H11_MAX_EVENT_BYTES
 
 
 class ServerThread:
@@ -16,7 +19,6 @@ class ServerThread:
         self.host, self.port = host, self.sock.getsockname()[1]
         self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
         # h11 with the header limit `picochat serve` uses, so header-size behaviour is the real one
-        from picochat.http_guard import H11_MAX_EVENT_BYTES
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", http="h11",
                                                     h11_max_incomplete_event_size=H11_MAX_EVENT_BYTES))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
