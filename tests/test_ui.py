@@ -89,11 +89,17 @@ class Browser:
             time.sleep(0.05)
         raise TimeoutError(f"timed out waiting for {expr}")
 
-    def open(self, url, width=1280, height=800, mobile=False):
+    def open(self, url, width=1280, height=800, mobile=False, keep_history=False):
+        """Load the page; unless keep_history, with this browser's saved conversations (localStorage) wiped first."""
         self.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
                                                          "deviceScaleFactor": 1, "mobile": mobile})
         self.call("Page.navigate", {"url": url})
         self.wait_for("document.readyState === 'complete' && !!document.getElementById('input')")
+        if not keep_history:
+            self.js("localStorage.clear()")
+            self.call("Page.reload")
+            self.wait_for("document.readyState === 'complete' && !!document.getElementById('input') && "
+                          "typeof state === 'object' && state.chats.length === 1")
 
     def type_and_enter(self, text):
         self.js("document.getElementById('input').focus()")
@@ -153,9 +159,11 @@ def greedy_reply(stack, messages, max_tokens=512):
     results, _ = engine.generate_batch(prompt, max_tokens=max_tokens, temperature=0.0, top_k=50)
     return tok.decode_bytes(results[0][len(prompt):]).decode("utf-8", errors="replace")
 
+# answers: the raw text of each answer (the page renders it as Markdown), from the page's own state
 STATE = """JSON.stringify({
   users: [...document.querySelectorAll('.msg.user')].map(e => e.textContent),
-  answers: [...document.querySelectorAll('.msg.assistant .text')].map(e => e.textContent),
+  answers: state.chats.find(c => c.id === state.current).messages.filter(m => m.role === 'assistant')
+    .map(m => m.content),
   error: (document.querySelector('.error') || {}).textContent || null,
   busy: document.getElementById('send').textContent === 'Stop'})"""
 
@@ -252,3 +260,136 @@ def test_model_not_loaded_banner(browser):
         banner = browser.wait_for("document.getElementById('banner').classList.contains('show') && "
                                   "document.getElementById('banner').textContent")
         assert "Model not loaded" in banner
+
+# -----------------------------------------------------------------------------
+# Markdown, tool blocks, history, settings, stop, favicon, dark mode
+
+class ScriptedEngine:
+    """Answers every request with the same text, token by token (optionally slowly): what the page must render."""
+    def __init__(self, tok, text, delay=0.0):
+        from types import SimpleNamespace
+        self.tok, self.ids, self.delay, self.yielded = tok, tok.encode(text), delay, 0
+        self.model = SimpleNamespace(config=SimpleNamespace(sequence_len=256))
+    def chat_prompt(self, messages, max_tokens):
+        return [self.tok.get_bos_token_id()]
+    def generate(self, prompt, num_samples=1, max_tokens=None, **kw):
+        for t in self.ids[:max_tokens] + [self.tok.encode_special("<|assistant_end|>")]:
+            time.sleep(self.delay)
+            self.yielded += 1
+            yield [t] * num_samples, [1] * num_samples
+
+MARKDOWN = """# Title
+
+Some **bold** and `inline` code, a [link](https://example.com).
+
+```python
+def double(x):
+    return x * 2
+```
+
+<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"><a href="javascript:window.pwned = 3">j</a>
+<|python_start|>'ab'.upper()<|python_end|><|output_start|>AB<|output_end|> done."""
+
+def test_markdown_code_and_tool_calls_render_safely(browser, stack):
+    _, tok = stack
+    with ServerThread(create_app([(ScriptedEngine(tok, MARKDOWN), tok, "cpu")], model_name="md")) as srv:
+        browser.open(srv.url + "/")
+        browser.type_and_enter("show me")
+        s = wait_idle(browser, 1)
+        assert s["error"] is None and s["answers"] == [MARKDOWN]
+        q = lambda sel: f"document.querySelector('.msg.assistant .text {sel}')"
+        assert browser.js(q("h1") + ".textContent") == "Title"
+        assert browser.js(q("strong") + ".textContent") == "bold"
+        assert browser.js(q("p code") + ".textContent") == "inline"
+        assert browser.js(q('a[href="https://example.com"]') + ".target") == "_blank"
+        # the code block is highlighted: highlight.js marked it up (def is a keyword)
+        assert browser.js(q("pre code.hljs") + ".textContent").startswith("def double(x):")
+        assert browser.js(q("pre code .hljs-keyword") + ".textContent") == "def"
+        # the tool call is a collapsible block with the code and its output, not markup
+        assert browser.js(q("details.tool summary") + ".textContent").startswith("python")
+        assert browser.js(q("details.tool code") + ".textContent") == "'ab'.upper()"
+        assert browser.js(q("details.tool .tool-output") + ".textContent") == "AB"
+        assert "<|python_start|>" not in browser.js("document.querySelector('.msg.assistant .text').textContent")
+        # nothing the model wrote can run: no script, no handler, no javascript: link
+        time.sleep(0.3)
+        assert browser.js("typeof window.pwned") == "undefined"
+        assert browser.js("document.querySelectorAll('.msg.assistant script, .msg.assistant [onerror], "
+                          ".msg.assistant a[href^=\"javascript\"]').length") == 0
+        assert browser.js("typeof marked + typeof DOMPurify + typeof hljs") == "objectfunctionobject"  # the libraries loaded (marked is a namespace)
+
+def test_history_survives_a_reload_and_can_be_switched_and_deleted(browser, server, stack):
+    browser.open(server.url + "/")
+    browser.js("document.getElementById('temperature').value = '0'")
+    browser.type_and_enter("first chat")
+    first = wait_idle(browser, 1)["answers"]
+    browser.js("document.getElementById('new-chat').click()")
+    browser.type_and_enter("second chat")
+    wait_idle(browser, 1)
+    browser.open(server.url + "/", keep_history=True)  # a reload: both conversations are still there
+    titles = browser.js("[...document.querySelectorAll('#chats li .open')].map(b => b.textContent)")
+    assert titles == ["second chat", "first chat"]  # newest first; the last one used is open
+    assert state(browser)["users"] == ["second chat"]
+    browser.js("document.querySelectorAll('#chats li .open')[1].click()")
+    s = state(browser)
+    assert s["users"] == ["first chat"] and s["answers"] == first
+    browser.js("document.querySelectorAll('#chats li .delete')[0].click()")  # delete "second chat"
+    browser.open(server.url + "/", keep_history=True)
+    assert browser.js("[...document.querySelectorAll('#chats li .open')].map(b => b.textContent)") == ["first chat"]
+
+def test_system_prompt_max_tokens_stats_and_copy(browser, server, stack):
+    browser.open(server.url + "/")
+    browser.call("Browser.grantPermissions", {"permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    browser.js("document.getElementById('temperature').value = '0'")
+    browser.js("document.getElementById('max-tokens').value = '5'")
+    browser.js("document.getElementById('system-box').open = true")
+    browser.js("document.getElementById('system').value = 'Be brief.'")
+    browser.type_and_enter("hi")
+    s = wait_idle(browser, 1)
+    # the system prompt went to the server (the engine merges it into the first user turn)
+    assert s["answers"] == [greedy_reply(stack, [{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": "hi"}], max_tokens=5)]
+    stats = browser.js("document.querySelector('.msg.assistant .stats').textContent")
+    n = int(stats.split(" tokens")[0])
+    assert 1 <= n <= 5 and "context" in stats and "/ 64" in stats, stats
+    browser.js("document.querySelector('.msg.assistant .copy').click()")
+    assert browser.wait_for("document.querySelector('.msg.assistant .copy').textContent === 'Copied'")
+    browser.wait_for("document.querySelector('.msg.assistant .copy').textContent === 'Copy'", timeout=5)
+
+def test_stop_cancels_the_generation_on_the_server(browser, stack):
+    _, tok = stack
+    slow = ScriptedEngine(tok, "word " * 200, delay=0.05)
+    with ServerThread(create_app([(slow, tok, "cpu")], model_name="slow")) as srv:
+        browser.open(srv.url + "/")
+        browser.type_and_enter("go")
+        browser.wait_for("state.chats.find(c => c.id === state.current).messages.some(m => m.role === 'assistant' "
+                         "&& m.content.length > 0)")
+        browser.js("document.getElementById('send').click()")  # the button says Stop while busy
+        wait_idle(browser, 1)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            stats = json.loads(browser.js("fetch('/stats').then(r => r.text())"))
+            if stats["requests_cancelled"] == 1 and stats["available_workers"] == 1:
+                break
+            time.sleep(0.1)
+        assert stats["requests_cancelled"] == 1 and stats["available_workers"] == 1, stats
+        assert slow.yielded < 150
+
+def test_favicon_static_files_and_dark_mode(browser, server):
+    import hashlib
+    import re
+    from pathlib import Path
+    import httpx
+    assert httpx.get(server.url + "/favicon.ico").headers["content-type"] == "image/svg+xml"
+    for name in ("vendor/marked.umd.js", "vendor/purify.min.js", "vendor/highlight.min.js", "favicon.svg",
+                 "vendor/licenses/dompurify.LICENSE"):
+        assert httpx.get(server.url + "/static/" + name).status_code == 200, name
+    for bad in ("../ui.html", "vendor/../../ui.html", "nope.js", "%2e%2e/ui.html"):
+        assert httpx.get(server.url + "/static/" + bad).status_code == 404, bad
+    vendor = Path(__file__).resolve().parents[1] / "picochat" / "static" / "vendor"
+    for name, digest in re.findall(r"\| (\S+\.(?:js|css)) \|.*\| ([0-9a-f]{64}) \|", (vendor / "README.md").read_text()):
+        assert hashlib.sha256((vendor / name).read_bytes()).hexdigest() == digest, name  # the vendored files are unchanged
+    browser.open(server.url + "/")
+    assert browser.js("document.querySelector('link[rel=icon]').getAttribute('href')") == "/static/favicon.svg"
+    for scheme, bg in (("dark", "rgb(13, 17, 23)"), ("light", "rgb(255, 255, 255)")):
+        browser.call("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
+        assert browser.js("getComputedStyle(document.body).backgroundColor") == bg, scheme

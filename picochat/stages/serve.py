@@ -51,6 +51,9 @@ from picochat.serving import Generation, Server, Worker, sequence_len
 from picochat.http_guard import RequestGuard, RequestMetrics, H11_MAX_EVENT_BYTES, MAX_JSON_DEPTH, json_depth
 
 UI_PATH = PACKAGE_DIR / "ui.html"
+STATIC_DIR = PACKAGE_DIR / "static"  # the UI's favicon and vendored libraries (static/vendor/README.md)
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml",
+                ".md": "text/markdown; charset=utf-8"}
 
 # -----------------------------------------------------------------------------
 # The app
@@ -116,6 +119,22 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
     @app.get("/", response_class=HTMLResponse)
     async def index():
         return HTMLResponse(UI_PATH.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+
+    # only the files that ship under static/ are served, looked up by name: no path from a URL touches the disk
+    static_files = {p.relative_to(STATIC_DIR).as_posix(): p for p in STATIC_DIR.rglob("*") if p.is_file()}
+
+    @app.get("/static/{name:path}")
+    async def static(name: str):
+        path = static_files.get(name)
+        if path is None:
+            raise APIError(f"no static file {name!r}", code="not_found", status=404)
+        return Response(path.read_bytes(), media_type=STATIC_TYPES.get(path.suffix, "text/plain; charset=utf-8"),
+                        headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/favicon.ico")
+    async def favicon():  # browsers ask for it whatever the page says
+        return Response(static_files["favicon.svg"].read_bytes(), media_type="image/svg+xml",
+                        headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/health")
     async def health():
@@ -252,7 +271,7 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
         server.metrics.requests.labels(path, str(status)).inc()
         server.metrics.latency.labels(path).observe(seconds)
     known = ("/", "/health", "/stats", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-             "/chat/completions")
+             "/chat/completions", "/favicon.ico")
     return RequestMetrics(RequestGuard(app, max_body_bytes=max_body, body_timeout=body_timeout), record, known)
 
 class _GenerationStream(StreamingResponse):
