@@ -73,7 +73,10 @@ CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-16}" # CORE subset: items per task (part
 CORE_TASKS="${CORE_TASKS:-}"                 # comma list of CORE labels (empty = all in core.yaml)
 IDENTITY_NUM="${IDENTITY_NUM:-1000}"         # synthetic identity conversations for SFT
 SFT_ITERS="${SFT_ITERS:-300}"
-SFT_MIXTURE="${SFT_MIXTURE:-}"               # empty = chat-sft's default mixture
+# shares of the SFT rows (chat-sft --mixture): 300 steps see ~8K conversations, so the reference's proportions
+# (identity 0.2%: ~15 identity conversations, spelling 26%) would teach neither who the model is nor chat;
+# this demo mix gives identity 15% (each of the 1000 identity conversations seen ~once) and spelling 10%
+SFT_MIXTURE="${SFT_MIXTURE:-smoltalk=0.55,mmlu=0.10:3,gsm8k=0.10:4,identity=0.15:12,simplespelling=0.06,spellingbee=0.04}"
 SFT_VAL_MIXTURE="${SFT_VAL_MIXTURE:-}"
 SFT_EVAL_EVERY="${SFT_EVAL_EVERY:-100}"
 SFT_EVAL_TOKENS="${SFT_EVAL_TOKENS:-32768}"

@@ -10,6 +10,7 @@ import pytest
 from picochat import fetch
 from picochat.tasks import (Task, TaskMixture, TaskSequence, render_mc, ARC, MMLU, GSM8K, HumanEval, SmolTalk,
                             SpellingBee, SimpleSpelling, CustomJSON, parse_mixture, build_mixture)
+from picochat.tasks import MixItem, mixture_counts, composition
 from picochat.tasks.gsm8k import extract_answer, answer_to_parts
 from picochat.tasks.humaneval import extract_imports, extract_program
 
@@ -291,13 +292,41 @@ def test_mixture_determinism_and_coverage():
 
 
 def test_mixture_spec(tiny_mirror):
-    assert parse_mixture("smoltalk,mmlu:3,gsm8k@420:2") == [("smoltalk", None, 1), ("mmlu", None, 3), ("gsm8k", 420, 2)]
-    with pytest.raises(ValueError):
-        parse_mixture("gsm8k@x")
+    assert parse_mixture("smoltalk,mmlu:3,gsm8k@420:2") == [MixItem("smoltalk"), MixItem("mmlu", epochs=3),
+                                                            MixItem("gsm8k", 420, None, 2)]
+    assert parse_mixture("a=0.5,b@7=0.25:3") == [MixItem("a", None, 0.5), MixItem("b", 7, 0.25, 3)]
+    for bad in ("gsm8k@x", "a=0.5,b", "a=-1", "a=x"):
+        with pytest.raises(ValueError):
+            parse_mixture(bad)
     with pytest.raises(ValueError):
         build_mixture("nosuchtask")
     m = build_mixture("gsm8k@2:3,spellingbee@5")
     assert len(m) == 2 * 3 + 5
+
+
+def test_mixture_keeps_its_proportions_when_a_source_is_small(tiny_mirror, tiny_tokenizer, tmp_path):
+    """With full data the default mixture is the reference's (every row, its epochs); with a tiny conversation
+    source, every task shrinks with it and none exceeds its planned share."""
+    items = parse_mixture("smoltalk,mmlu:3,gsm8k:4,identity:2,simplespelling,spellingbee")
+    full = [460_000, 99_842, 7_473, 1_000, 200_000, 80_000]
+    assert mixture_counts(items, full) == [460_000, 3 * 99_842, 4 * 7_473, 2_000, 200_000, 80_000]
+    planned = [n / sum(mixture_counts(items, full)) for n in mixture_counts(items, full)]
+    small = [600, 99_842, 7_473, 1_000, 200_000, 80_000]  # a chat source 1/770th of SmolTalk
+    counts = mixture_counts(items, small)
+    shares = [c / sum(counts) for c in counts]
+    # no task over its planned share by more than the one row rounding can add
+    assert counts[0] == 600 and all(s <= p + 1 / sum(counts) for s, p in zip(shares, planned)), (shares, planned)
+    assert shares[4] + shares[5] < 0.27  # the spelling tasks stay near their ~26%, not the 99% they would take
+    # explicit shares, built for real: a tiny custom chat set (40 rows) and the spelling task
+    chat = tmp_path / "chat.jsonl"
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    chat.write_text("".join(json.dumps(conv) + "\n" for _ in range(40)))
+    m = build_mixture(f"{chat}=0.8,spellingbee=0.2")
+    assert [(r["task"], r["rows"]) for r in m.composition] == [(str(chat), 40), ("spellingbee", 10)]
+    rows = composition(m, tiny_tokenizer)
+    assert abs(rows[0]["rows_pct"] - 80) < 1e-9 and rows[0]["tokens"] > 0 and abs(sum(r["tokens_pct"] for r in rows) - 100) < 1e-9
+    kinds = [("hello there" in json.dumps(m[i])) for i in range(len(m))]
+    assert sum(kinds) == 40 and len(m) == 50  # the mixture really holds those rows
 
 # -----------------------------------------------------------------------------
 # CustomJSON

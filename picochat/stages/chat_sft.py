@@ -38,7 +38,8 @@ from picochat.common import (HelpFormatter, all_reduce, compute_init, fill_sized
                              synchronize, max_memory_allocated, long_run_notice)
 from picochat.engine import Engine
 from picochat.loss_eval import evaluate_bpb
-from picochat.tasks import build_mixture, DEFAULT_SFT_MIXTURE, DEFAULT_VAL_MIXTURE, HumanEval
+from picochat.tasks import (build_mixture, composition, composition_text, DEFAULT_SFT_MIXTURE, DEFAULT_VAL_MIXTURE,
+                            HumanEval)
 from picochat.task_eval import ALL_TASKS, evaluate_tasks, chatcore
 from picochat.run_record import RunRecord
 from picochat.train_loop import (add_nonfinite_flag, add_resume_flag, due, evaluating, fault_hook,
@@ -184,8 +185,11 @@ def parse_args(argv):
     p.add_argument("--model-tag", type=str, default=None, help="base (and output) tag, default: largest base model")
     p.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: last)")
     p.add_argument("--load-optimizer", type=int, default=1, help="1 = start from the base optimizer state")
-    p.add_argument("--mixture", type=str, default=None, help="training mixture spec (see picochat.tasks); "
-                   "default: " + "smoltalk,mmlu:3,gsm8k:4,identity:2,simplespelling,spellingbee")
+    p.add_argument("--mixture", type=str, default=None,
+                   help="training mixture: name[@first-N-rows][=share][:max-epochs],... where shares are fractions of "
+                        "the mixture's rows (all items or none; none = the reference's proportions: its full dataset "
+                        "sizes x epochs). A source smaller than its share needs shrinks the whole mixture, never "
+                        "the others' shares. Default: " + DEFAULT_SFT_MIXTURE)
     p.add_argument("--mmlu-epochs", type=int, default=3, help="MMLU repeats in the default mixture")
     p.add_argument("--gsm8k-epochs", type=int, default=4, help="GSM8K repeats in the default mixture")
     p.add_argument("--val-mixture", type=str, default=None,
@@ -282,7 +286,10 @@ def main(argv=None):
                                                   .replace("gsm8k:4", f"gsm8k:{args.gsm8k_epochs}"))
     train_ds = build_mixture(mixture, "train")
     val_ds = build_mixture(args.val_mixture or DEFAULT_VAL_MIXTURE, "test")
-    print0(f"train mixture: {len(train_ds):,} conversations; val mixture: {len(val_ds):,}")
+    # what the model will actually see, per task: a source smaller than planned shrinks every share with it
+    mix_rows = composition(train_ds, tokenizer) if master else []
+    print0(f"train mixture ({mixture}): {len(train_ds):,} conversations, shares of rows kept as specified; "
+           f"tokens estimated from a sample\n{composition_text(mix_rows)}\nval mixture: {len(val_ds):,}")
 
     # --- resume
     out_dir = checkpoint.checkpoint_dir("sft", tag)
@@ -425,7 +432,8 @@ def main(argv=None):
                                         "skipped_steps": loop["skipped_steps"],
                                         "empty_micro_batches": loop["empty_micro_batches"],
                                         "truncated_conversations": loader.truncated,
-                                        "chatcore": loop["chatcore"], "training_time_s": loop["train_time"]})
+                                        "chatcore": loop["chatcore"], "training_time_s": loop["train_time"],
+                                        "mixture": mixture, "mixture_composition": mix_rows})
     wandb_run.finish()
     compute_cleanup()
     return 0

@@ -91,12 +91,21 @@ class RowsTask(Task):
 
 class TaskMixture(Task):
     """All examples of all tasks, shuffled once with a fixed seed so every rank and every run agrees.
-    A task listed k times appears k times (the 'epochs' knob for small datasets)."""
+    A task listed k times appears k times. counts[i]: take that many rows of task i instead of all of them: whole
+    passes over the task, then a seeded sample of its rows for the remainder."""
 
-    def __init__(self, tasks, seed=42, **kwargs):
+    def __init__(self, tasks, seed=42, counts=None, **kwargs):
         super().__init__(**kwargs)
         self.tasks = list(tasks)
-        self.index_map = [(ti, li) for ti, t in enumerate(self.tasks) for li in range(len(t))]
+        counts = [len(t) for t in self.tasks] if counts is None else counts
+        self.index_map = []
+        for ti, (t, c) in enumerate(zip(self.tasks, counts)):
+            n = len(t)
+            if n == 0:
+                continue
+            passes, rest = divmod(int(c), n)
+            self.index_map += [(ti, li) for _ in range(passes) for li in range(n)]
+            self.index_map += [(ti, li) for li in sorted(random.Random(seed + ti).sample(range(n), rest))]
         random.Random(seed).shuffle(self.index_map)
 
     def num_examples(self):

@@ -60,7 +60,9 @@ class SmolTalk(Task):
             self.convs = convs[:n_test] if split == "test" else convs[n_test:]
             loud_fallback(f"SmolTalk is not in the mirror; using the mirror's sft/*.jsonl conversations "
                           f"({', '.join(mirror_sft_files())}) instead: {len(self.convs)} {split} conversations "
-                          f"(reference SmolTalk: ~460K train / ~24K test); {skipped} malformed rows skipped")
+                          f"(reference SmolTalk: ~460K train / ~24K test); {skipped} malformed rows skipped. An SFT "
+                          f"mixture keeps its proportions, so it shrinks with this source (chat-sft prints the "
+                          f"composition): chat stays its share, the other tasks do not take over")
         else:
             if have_mirror():
                 rows = read_jsonl(mirror_file(f"smoltalk/{split}.jsonl"))
