@@ -7,6 +7,7 @@ time. Files are listed sorted; the LAST file is the validation split, all others
 The CLI over these (`picochat data download|info`) is picochat/stages/data.py.
 """
 import json
+import hashlib
 from pathlib import Path
 from functools import partial
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -70,10 +71,13 @@ def list_parquet_files(data_dir=None) -> list:
 
 
 def split_files(split: str, data_dir=None) -> list:
-    """train = every file but the last, val = the last file."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    """train = every file but the last, val = the last file, all = every file (evaluating a directory that is not a
+    train/val pair, even a single file)."""
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
     files = list_parquet_files(data_dir)
+    if split == "all":
+        return files
     if len(files) < 2:
         raise ValueError(f"only {len(files)} parquet file in {files[0].parent}: need at least 2, because the last "
                          f"file is the validation split and the rest are train. Download more shards "
@@ -129,6 +133,16 @@ def read_row_group(pf: pq.ParquetFile, rg: int, path=None) -> list:
         raise ValueError(f"{path or 'a parquet file'}: row group {rg} cannot be read ({e}); the file is corrupt. Delete it and run "
                          f"`picochat data download` again (it re-fetches missing and corrupt shards)") from e
     return [t if t is not None else "" for t in texts]
+
+
+def data_fingerprint(files) -> str:
+    """SHA-256 over the files' names and contents (each content hash from its download record when one exists):
+    what an evaluation on "another data directory" was measured on."""
+    h = hashlib.sha256()
+    for path in files:
+        path = Path(path)
+        h.update(path.name.encode() + b"\0" + (fetch.recorded_sha256(path) or file_sha256(path)).encode() + b"\n")
+    return h.hexdigest()
 
 
 def write_manifest(directory) -> dict:

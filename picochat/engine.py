@@ -353,12 +353,17 @@ SAMPLE_PROMPTS = [
 
 
 def sample_prompts(model, tokenizer, max_tokens=16, prompts=SAMPLE_PROMPTS):
-    """Greedy completions of the sample prompts (each prompt + its completion, decoded)."""
+    """Greedy completions of the sample prompts (each prompt + its completion, decoded). A completion the token
+    budget cut off ends at its last whole word, then "…", so no sample ends mid-word."""
     engine = Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
     out = []
     for prompt in prompts:
-        results, _ = engine.generate_batch(tokenizer.encode(prompt, prepend=bos), num_samples=1,
-                                           max_tokens=max_tokens, temperature=0)
-        out.append(tokenizer.decode(results[0]))
+        ids = tokenizer.encode(prompt, prepend=bos)
+        results, _ = engine.generate_batch(ids, num_samples=1, max_tokens=max_tokens, temperature=0)
+        text = tokenizer.decode(results[0])
+        if len(results[0]) - len(ids) >= max_tokens:  # cut by the budget, not ended by the model
+            cut = text.rstrip().rfind(" ")
+            text = (text[:cut] if cut > len(prompt) else text.rstrip()) + " \u2026"
+        out.append(text)
     return out

@@ -204,6 +204,18 @@ def summary_table(sections: dict) -> list:
         rows.append(row)
     return rows
 
+def core_partiality(sections: dict) -> str | None:
+    """What makes the base CORE partial (tasks missing, items capped), or None for a full CORE."""
+    sec = sections.get("base-evaluation")
+    d = sec["data"] if sec else {}
+    used, total, cap = d.get("tasks_used"), d.get("tasks_total"), d.get("max_per_task")
+    parts = []
+    if isinstance(used, int) and isinstance(total, int) and used < total:
+        parts.append(f"CORE over {used}/{total} tasks")
+    if isinstance(cap, int) and cap > 0:
+        parts.append(f"at most {cap} items per task")
+    return "partial CORE: " + ", ".join(parts) if parts else None
+
 def core_per_task(sections: dict) -> dict:
     sec = sections.get("base-evaluation")
     if not sec:
@@ -267,27 +279,26 @@ def make_plots(sections: dict) -> dict:
         pts = [(r[x], r[y]) for r in rows if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))]
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    # one row of panels per stage: base and SFT val bpb are measured on different data (pretraining text vs the
+    # SFT val mixture), so they never share axes
     for xkey, xlabel, fname in [("step", "step", "loss_vs_step.png"), ("time_s", "wall time (s)", "loss_vs_time.png")]:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        any_data = False
-        for label, rows in series.items():
+        stages = [(label, rows) for label, rows in series.items() if curve(rows, xkey, "loss")[0]
+                  or curve(rows, xkey, "val_bpb")[0]]
+        if not stages:
+            continue
+        fig, axes = plt.subplots(len(stages), 2, figsize=(11, 3.6 * len(stages)), squeeze=False)
+        for (label, rows), (ax1, ax2) in zip(stages, axes):
             xs, ys = curve(rows, xkey, "loss")
-            if xs:
-                ax1.plot(xs, ys, label=label, linewidth=1)
-                any_data = True
+            ax1.plot(xs, ys, linewidth=1)
             xs, ys = curve(rows, xkey, "val_bpb")
-            if xs:
-                ax2.plot(xs, ys, "o-", label=label, markersize=3)
-                any_data = True
-        if any_data:
-            ax1.set(xlabel=xlabel, ylabel="train loss", title=f"train loss vs {xlabel}")
-            ax2.set(xlabel=xlabel, ylabel="val bits per byte", title=f"val bpb vs {xlabel}")
+            ax2.plot(xs, ys, "o-", markersize=3)
+            data = "pretraining val text" if label.startswith("base") else "its own val mixture"
+            ax1.set(xlabel=xlabel, ylabel="train loss", title=f"{label}: train loss")
+            ax2.set(xlabel=xlabel, ylabel="val bits per byte", title=f"{label}: val bpb on {data} ({len(xs)} evals)")
             for ax in (ax1, ax2):
                 ax.grid(alpha=0.3)
-                if ax.lines:
-                    ax.legend(fontsize=8)
-            _savefig(fig, d / fname)
-            made[f"Loss vs {xlabel}"] = fname
+        _savefig(fig, d / fname)
+        made[f"Loss vs {xlabel}"] = fname
         plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -350,8 +361,11 @@ def render_data(data: dict, indent: int = 0) -> list:
             lines += render_data(v, indent + 1)
         elif _is_table(v):
             lines += [f"{pad}- {k}:", ""] + _table(v) + [""]
+        elif isinstance(v, list) and v and all(isinstance(x, str) for x in v):  # samples: one per line, whole
+            lines.append(f"{pad}- {k}:")
+            lines += [f"{pad}  - {json.dumps(x, ensure_ascii=False)}" for x in v]
         elif isinstance(v, list):
-            lines.append(f"{pad}- {k}: {json.dumps(v, ensure_ascii=False)[:500]}")
+            lines.append(f"{pad}- {k}: {json.dumps(v, ensure_ascii=False)}")
         elif isinstance(v, str) and "\n" in v:
             lines += [f"{pad}- {k}:", "", "```", v, "```", ""]
         else:
@@ -389,7 +403,14 @@ def render(sections: dict, plots: dict, link_prefix: str = "") -> str:
             lines += [f"### {title}", "", f"![{title}]({link_prefix}{fname})", ""]
 
     lines += ["## Summary", "", "| Metric | BASE | SFT | RL |", "|---|---|---|---|"]
-    lines += ["| " + " | ".join([r[0]] + [fmt(v) for v in r[1:]]) + " |" for r in summary_table(sections)]
+    partial = core_partiality(sections)
+    for r in summary_table(sections):
+        cells = [fmt(v) for v in r[1:]]
+        if r[0] == "CORE" and partial and r[1] is not None:
+            cells[0] += " (partial*)"
+        lines.append("| " + " | ".join([r[0]] + cells) + " |")
+    if partial:
+        lines += ["", f"\\* {partial}: not comparable with a full CORE score."]
     lines.append("")
     start = _parse_ts(env["data"].get("run_started")) if env else None
     stamps = [_parse_ts(s.get("timestamp")) for k, s in sections.items() if k != "environment"]

@@ -59,10 +59,17 @@ DEVICE_BATCH="${DEVICE_BATCH:-16}"           # rows per forward/backward
 TOTAL_BATCH="${TOTAL_BATCH:-4096}"          # tokens per optimizer step (multiple of DEVICE_BATCH*SEQ_LEN)
 BASE_TIME_S="${BASE_TIME_S:-1200}"           # pretraining wall-clock budget (start-up and val evals included)
 BASE_ITERS="${BASE_ITERS:-}"                 # or a fixed number of optimizer steps (overrides BASE_TIME_S)
+# steps a quiet 2-core box gives in BASE_TIME_S at the default sizes (~2.5/s measured at d2, dev/BENCH.md): far
+# fewer is announced as a slow or busy machine. Other sizes: set it, or 0 for no expectation.
+if [[ "${DEPTH:-2}" == 2 && "${TOTAL_BATCH:-4096}" == 4096 && "${SEQ_LEN:-256}" == 256 ]]; then
+    BASE_EXPECT_STEPS="${BASE_EXPECT_STEPS:-$((BASE_TIME_S * 5 / 2))}"
+else
+    BASE_EXPECT_STEPS="${BASE_EXPECT_STEPS:-0}"
+fi
 SPLIT_DOCS="${SPLIT_DOCS:-1}"                # 1 = cut long documents into row-sized pieces instead of cropping
 WARMUP_STEPS="${WARMUP_STEPS:-10}"
 LR_MULT="${LR_MULT:-2}"                      # multiplies base-train's default LRs (before its batch scaling)
-BASE_EVAL_EVERY="${BASE_EVAL_EVERY:-500}"    # val bpb interval during pretraining
+BASE_EVAL_EVERY="${BASE_EVAL_EVERY:-250}"    # val bpb interval during pretraining (~12 points: a curve, not 3 dots)
 BASE_EVAL_TOKENS="${BASE_EVAL_TOKENS:-65536}"
 SAMPLE_EVERY="${SAMPLE_EVERY:-0}"            # base-eval prints samples at the end anyway
 SAVE_EVERY="${SAVE_EVERY:-500}"              # intermediate checkpoints, so an interrupted run resumes
@@ -78,7 +85,7 @@ SFT_ITERS="${SFT_ITERS:-300}"
 # this demo mix gives identity 15% (each of the 1000 identity conversations seen ~once) and spelling 10%
 SFT_MIXTURE="${SFT_MIXTURE:-smoltalk=0.55,mmlu=0.10:3,gsm8k=0.10:4,identity=0.15:12,simplespelling=0.06,spellingbee=0.04}"
 SFT_VAL_MIXTURE="${SFT_VAL_MIXTURE:-}"
-SFT_EVAL_EVERY="${SFT_EVAL_EVERY:-100}"
+SFT_EVAL_EVERY="${SFT_EVAL_EVERY:-30}"      # ~11 SFT val points
 SFT_EVAL_TOKENS="${SFT_EVAL_TOKENS:-32768}"
 CHAT_EVAL_TASKS="${CHAT_EVAL_TASKS:-}"       # '|'-separated (empty = all chat tasks)
 CHAT_EVAL_MAX="${CHAT_EVAL_MAX:-50}"         # problems per task
@@ -157,7 +164,8 @@ BASE_STEP=$(finished_step "$BASE_CKPT")
 if [[ -n "$BASE_STEP" ]]; then
     skip_stage base-train "final checkpoint $BASE_CKPT step $BASE_STEP exists"
 else
-    if [[ -n "$BASE_ITERS" ]]; then horizon=(--num-iterations "$BASE_ITERS"); else horizon=(--max-time-s "$BASE_TIME_S"); fi
+    if [[ -n "$BASE_ITERS" ]]; then horizon=(--num-iterations "$BASE_ITERS")
+    else horizon=(--max-time-s "$BASE_TIME_S" --expect-steps "$BASE_EXPECT_STEPS"); fi
     split=(); [[ "$SPLIT_DOCS" == 1 ]] && split=(--split-docs)
     run_stage base-train picochat base-train --run "$WANDB_RUN" --device-type cpu \
         --depth "$DEPTH" --aspect-ratio "$ASPECT_RATIO" --head-dim "$HEAD_DIM" --max-seq-len "$SEQ_LEN" \

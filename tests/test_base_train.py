@@ -4,6 +4,7 @@ run bitwise; then base-eval on a small CORE subset from the shared data mirror."
 import os
 import csv
 import json
+import shutil
 import math
 import random
 import re
@@ -199,6 +200,18 @@ def test_kill_and_resume_is_bitwise_exact_then_base_eval(tiny_home, request):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "val bpb (whole documents)" in p.stdout
     data = json.loads((home / "report" / "base-evaluation.json").read_text())["data"]
+    # 6) another data directory, a single file: its own key with path and content hash, never the checkpoint's val_bpb
+    other = home / "other"
+    other.mkdir()
+    shutil.copy(home / "shards" / "shard_00001.parquet", other / "only.parquet")
+    p = subprocess.run([sys.executable, "-m", "picochat", "base-eval", "--model-tag", "ref", "--eval", "bpb",
+                        "--device-batch-size", "2", "--split-tokens", "128", "--data-dir", str(other),
+                        "--device-type", "cpu"], env=_env(home), capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stdout + p.stderr
+    after = json.loads((home / "report" / "base-evaluation.json").read_text())["data"]
+    rec = after["bpb_on_other_data"][str(other.resolve())]
+    assert 0 < rec["all_bpb"] < 20 and len(rec["sha256"]) == 64 and rec["files"] == 1
+    assert after["val_bpb"] == data["val_bpb"] and after["val_bpb_split_docs"] == data["val_bpb_split_docs"]
     assert 0 < data["val_bpb_split_docs"] < 20 and 0 < data["train_bpb_split_docs"] < 20
     # ... added to the same checkpoint's section: step 4's CORE and cropped bpb are kept
     assert "core_metric" in data and "val_bpb" in data and data["val_bpb"] != data["val_bpb_split_docs"]
@@ -243,8 +256,10 @@ def test_time_budget_run_with_split_docs(tiny_home):
     del flags[i:i + 2]
     flags[flags.index("--save-every") + 1] = "-1"
     flags[flags.index("--sample-every") + 1] = "0"  # sampling is outside the budget
+    # --expect-steps far above what 15 s give: the run must say it is on a slow machine, at the start and in the report
     cmd = [sys.executable, "-m", "picochat", "base-train", *flags, "--max-time-s", str(budget), "--split-docs",
-           "--data-dir", str(tiny_home / "shards"), "--model-tag", "budget", "--resume", "auto"]
+           "--data-dir", str(tiny_home / "shards"), "--model-tag", "budget", "--resume", "auto",
+           "--expect-steps", "100000"]
     t0 = time.time()
     p = subprocess.run(cmd, env=_env(tiny_home), capture_output=True, text=True, cwd=REPO)
     wall = time.time() - t0
@@ -262,6 +277,10 @@ def test_time_budget_run_with_split_docs(tiny_home):
     horizon = int(fits[-1][0].replace(",", ""))
     assert horizon > 10  # more than the timed probe steps
     assert wall < 1.5 * budget, f"{wall:.1f}s for a {budget}s budget\n{out}"
+    assert "SLOW OR BUSY MACHINE: the 15s budget fits only" in p.stderr, out  # announced when the horizon is fit
+    budget_rec = json.loads((tiny_home / "report" / "base-training.json").read_text())["data"]["budget"]
+    assert budget_rec["max_time_s"] == budget and budget_rec["expected_steps"] == 100000
+    assert "SLOW OR BUSY MACHINE" in budget_rec["warning"] and abs(budget_rec["off_budget_percent"]) < 50
     ckdir = tiny_home / "checkpoints" / "base" / "budget"
     meta = json.loads((ckdir / f"meta_{horizon:06d}.json").read_text())
     assert meta["run"]["num_iterations"] == horizon

@@ -86,3 +86,26 @@ def test_completions_bench_at_toy_size(capsys):
     assert load("bench_completions").main(["--depth", "1", "--requests", "2", "--gen-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "score (echo+logprobs)" in out and "generate 2" in out
+
+
+def test_chat_check_runs_and_its_checks_bite(picochat_home, tiny_tokenizer, capsys):
+    from picochat.checkpoint import save_checkpoint, checkpoint_dir
+    from picochat.gpt import GPTConfig, build_model
+    chat_check = load("chat_check")
+    c = chat_check.check
+    transcript = "We need to count the letter 'r' in the word 'berry'. Let me spell it out: b,e,r,r,y. #### 2"
+    assert c("greeting", "hello", None, transcript, True)["no_spelling"] is False
+    assert c("greeting", "hello", None, "Hello! How can I help you today?", True) == {"no_spelling": True, "ends": True}
+    assert c("identity", "Who are you?", None, "I am picochat, a small model.", True)["identity"] is True
+    assert c("identity", "Who are you?", None, "I am ChatGPT.", False) == {"no_spelling": True, "ends": False,
+                                                                         "identity": False}
+    assert c("arithmetic", "What is 12*7?", 84, "12*7 = 84.", True)["arithmetic"] is True
+    assert c("arithmetic", "What is 12*7?", 84, "<|python_start|>12*7<|python_end|>", True)["arithmetic"] is True
+    assert c("arithmetic", "What is 12*7?", 84, "It is 74.", True)["arithmetic"] is False
+    tiny_tokenizer.save(picochat_home / "tokenizer")
+    cfg = GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                    n_embd=64, window_pattern="L")
+    save_checkpoint(checkpoint_dir("sft", "d1"), 3, build_model(cfg, "cpu"), None, {"model_config": cfg.to_dict()})
+    assert chat_check.main(["--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "30 prompts" in out and all(name in out for name in ("no_spelling", "identity", "arithmetic", "ends"))

@@ -144,3 +144,29 @@ def test_find_value_normalizes_keys():
     assert report.find_value(data, ["SpellingBee"]) == 0.5
     assert report.find_value(data, ["flag"]) is None          # booleans are not metrics
     assert report.find_value(data, ["MMLU"]) is None
+
+
+def test_partial_core_is_flagged_samples_are_whole_and_stages_get_their_own_panels(picochat_home, tmp_path,
+                                                                                   monkeypatch):
+    import struct
+    home = picochat_home
+    long_sample = "The capital of France is " + "Paris and a very long continuation " * 20
+    _write_section(home, "base-evaluation", {"core_metric": 0.05, "tasks_used": 21, "tasks_total": 22,
+                                             "max_per_task": 16, "samples": [long_sample, "Second sample"]},
+                   "2026-01-01T01:00:00+00:00")
+    _write_section(home, "chat-sft", {"model_tag": "d2"}, "2026-01-01T01:10:00+00:00")
+    for stage in ("base", "sft"):
+        mdir = home / "checkpoints" / stage / "d2"
+        mdir.mkdir(parents=True)
+        rows = [{"step": s, "loss": 5.0 - s / 10, "time_s": float(s)} for s in range(12)]
+        rows += [{"step": s, "val_bpb": 2.0 - s / 100, "time_s": float(s)} for s in range(0, 12, 2)]
+        (mdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert report_stage.main([]) == 0
+    md = (home / "report" / "report.md").read_text()
+    assert "| CORE | 0.0500 (partial*) | - | - |" in md
+    assert "partial CORE: CORE over 21/22 tasks, at most 16 items per task: not comparable" in md
+    assert json.dumps(long_sample) in md and "- \"Second sample\"" in md  # whole, one per line
+    # base and SFT val bpb are measured on different data: one row of panels per stage, never shared axes
+    width, height = struct.unpack(">II", (home / "report" / "loss_vs_step.png").read_bytes()[16:24])
+    assert height > 0.9 * width * 3.6 * 2 / 11, (width, height)  # two rows of 11 x 3.6 in panels

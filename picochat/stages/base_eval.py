@@ -21,6 +21,7 @@ from picochat import checkpoint as ckpt, fetch, report
 from picochat.common import HelpFormatter, get_base_dir, compute_init, fill_sized_defaults, compute_cleanup, print0, atomic_path
 from picochat.core_eval import evaluate_core, load_core_tasks
 from picochat.dataloader import pretrain_batches
+from picochat.dataset import data_fingerprint, list_parquet_files
 from picochat.engine import Engine, sample_prompts
 from picochat.loss_eval import evaluate_bpb
 
@@ -98,13 +99,27 @@ def main(argv=None):
         tokens_per_step = args.device_batch_size * T * rt.world_size
         steps = max(1, args.split_tokens // tokens_per_step)
         suffix = "_split_docs" if args.split_docs else ""  # a different measurement gets a different name
-        for split in ("train", "val"):
+        # another data directory than the one the checkpoint trained on is another measurement: its own key, with
+        # its path and content hash; it never stands in for the checkpoint's val_bpb (a single file is evaluated
+        # whole, as split "all")
+        trained_on = ((meta.get("run") or {}).get("user_config") or {}).get("data_dir")
+        resolve = lambda d: str(Path(d).expanduser().resolve())
+        other = args.data_dir is not None and (trained_on is None or resolve(trained_on) != resolve(args.data_dir))
+        files = list_parquet_files(args.data_dir) if other else None
+        splits = ("all",) if files is not None and len(files) == 1 else ("train", "val")
+        target = section
+        if files is not None:
+            where = str(Path(args.data_dir).expanduser().resolve())
+            target = {"path": where, "files": len(files), "sha256": data_fingerprint(files)}
+            section["bpb_on_other_data"] = {**section.get("bpb_on_other_data", {}), where: target}
+        for split in splits:
             loader = pretrain_batches(tokenizer, args.device_batch_size, T, split, rt.device, data_dir=args.data_dir,
                                       split_docs=args.split_docs)
             bpb = evaluate_bpb(model, loader, steps, token_bytes)
             del loader
-            print0(f"{split} bpb{' (whole documents)' if args.split_docs else ''}: {bpb:.6f}")
-            section[f"{split}_bpb{suffix}"] = bpb
+            print0(f"{split} bpb{' (whole documents)' if args.split_docs else ''}"
+                   f"{' on ' + args.data_dir if files is not None else ''}: {bpb:.6f}")
+            target[f"{split}_bpb{suffix}"] = bpb
 
     if "core" in evals:
         labels = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
@@ -128,7 +143,8 @@ def main(argv=None):
         # a partial re-run (say --eval bpb --split-docs) of the same checkpoint adds to its section, not replaces it
         prev = report.load_sections().get("base-evaluation", {}).get("data", {})
         if (prev.get("model_tag"), prev.get("step")) == (model_tag, step):
-            section = {**prev, **section}
+            other = {**prev.get("bpb_on_other_data", {}), **section.get("bpb_on_other_data", {})}
+            section = {**prev, **section, **({"bpb_on_other_data": other} if other else {})}
         report.log_section("base-evaluation", section)
     compute_cleanup()
     return 0

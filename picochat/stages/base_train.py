@@ -80,6 +80,10 @@ def build_parser():
       help="wall-clock budget of the whole command (start-up, evals and the final save included): the horizon is "
            f"set after the first {BUDGET_PROBE_STEPS} steps from their measured speed and refit once before the "
            f"warmdown (overrides the other horizons)")
+    a("--expect-steps", type=int, default=0,
+      help="with --max-time-s: the steps the budget gives on a quiet machine of the kind you expect (a recipe "
+           "states it); a horizon under half of it is announced as a slow or busy machine, at the start and in "
+           "the report. 0 = no expectation")
     a("--target-flops", type=float, default=-1.0, help='training FLOPs budget that sets the horizon (-1: off)')
     a("--target-param-data-ratio", type=float, default=12.0,
       help='training tokens per scaling parameter that sets the horizon (-1: off)')
@@ -443,6 +447,12 @@ def main(argv=None):
         message = horizon.observe(step + 1, dt, time.time())
         if message:
             print0(message)
+            if 0 < horizon.steps < 0.5 * args.expect_steps:
+                loop["slow_machine"] = (f"SLOW OR BUSY MACHINE: the {args.max_time_s:g}s budget fits only "
+                                        f"{horizon.steps:,} steps, {100 * horizon.steps / args.expect_steps:.1f}% of "
+                                        f"the {args.expect_steps:,} a quiet machine gives (--expect-steps): expect a "
+                                        "clearly weaker model. Stop other heavy programs, or raise --max-time-s")
+                warn0(loop["slow_machine"])
             d.update(num_iterations=horizon.steps, horizon="--max-time-s" if was_pending else d["horizon"],
                      total_tokens=total_batch * horizon.steps,
                      total_flops=d["flops_per_token"] * total_batch * horizon.steps)
@@ -514,6 +524,16 @@ def main(argv=None):
             "device": device_name(device_type), "world_size": rt.world_size,
             "compute_dtype": str(dtype).removeprefix("torch."),
         }
+        if args.max_time_s > 0 and start_step is None:  # how the budget went (a resumed run's clock restarted)
+            wall = time.time() - t_start
+            section["budget"] = {"max_time_s": args.max_time_s, "wall_time_s": round(wall, 1),
+                                 "off_budget_percent": round(100 * (wall - args.max_time_s) / args.max_time_s, 1),
+                                 "steps": horizon.steps, "expected_steps": args.expect_steps or None,
+                                 "warning": loop.get("slow_machine")}
+            if abs(wall - args.max_time_s) > 0.05 * args.max_time_s:
+                section["budget"]["warning"] = ((loop.get("slow_machine") or "") + f" The run took {wall:.0f}s for "
+                                                f"a {args.max_time_s:g}s budget ({section['budget']['off_budget_percent']:+.1f}%).").strip()
+                warn0(section["budget"]["warning"])
         report.log_section("base-training", section)
     wandb_run.finish()
     compute_cleanup()
