@@ -33,7 +33,8 @@ PROMPTS = {
                "Write a function that returns the sum of a list.", "What does len() do in Python?",
                "Write a python function that checks if a number is even."],
 }
-SPELLING = re.compile(r"count the letter|spell it out|\.count\(|letters? ['\"]?\w['\"]? in the word|#### \d+\s*$", re.I)
+# the spelling tasks' transcripts (not "#### N", which GSM8K answers end with too)
+SPELLING = re.compile(r"count the letter|spell it out|\.count\(|letters? ['\"]?\w['\"]? in the word", re.I)
 
 
 def check(category, prompt, answer, reply, ended):

@@ -282,13 +282,14 @@ def make_plots(sections: dict) -> dict:
     # one row of panels per stage: base and SFT val bpb are measured on different data (pretraining text vs the
     # SFT val mixture), so they never share axes
     for xkey, xlabel, fname in [("step", "step", "loss_vs_step.png"), ("time_s", "wall time (s)", "loss_vs_time.png")]:
-        stages = [(label, rows) for label, rows in series.items() if curve(rows, xkey, "loss")[0]
-                  or curve(rows, xkey, "val_bpb")[0]]
+        def loss(rows):  # base-train logs "loss", chat-sft and chat-rl "train_loss"
+            return curve(rows, xkey, "loss") if curve(rows, xkey, "loss")[0] else curve(rows, xkey, "train_loss")
+        stages = [(label, rows) for label, rows in series.items() if loss(rows)[0] or curve(rows, xkey, "val_bpb")[0]]
         if not stages:
             continue
         fig, axes = plt.subplots(len(stages), 2, figsize=(11, 3.6 * len(stages)), squeeze=False)
         for (label, rows), (ax1, ax2) in zip(stages, axes):
-            xs, ys = curve(rows, xkey, "loss")
+            xs, ys = loss(rows)
             ax1.plot(xs, ys, linewidth=1)
             xs, ys = curve(rows, xkey, "val_bpb")
             ax2.plot(xs, ys, "o-", markersize=3)
@@ -297,6 +298,7 @@ def make_plots(sections: dict) -> dict:
             ax2.set(xlabel=xlabel, ylabel="val bits per byte", title=f"{label}: val bpb on {data} ({len(xs)} evals)")
             for ax in (ax1, ax2):
                 ax.grid(alpha=0.3)
+        fig.tight_layout()  # (stacked rows: keep a title from covering the x label above it)
         _savefig(fig, d / fname)
         made[f"Loss vs {xlabel}"] = fname
         plt.close(fig)

@@ -158,7 +158,8 @@ def test_partial_core_is_flagged_samples_are_whole_and_stages_get_their_own_pane
     for stage in ("base", "sft"):
         mdir = home / "checkpoints" / stage / "d2"
         mdir.mkdir(parents=True)
-        rows = [{"step": s, "loss": 5.0 - s / 10, "time_s": float(s)} for s in range(12)]
+        key = "loss" if stage == "base" else "train_loss"  # what base-train and chat-sft each log
+        rows = [{"step": s, key: 5.0 - s / 10, "time_s": float(s)} for s in range(12)]
         rows += [{"step": s, "val_bpb": 2.0 - s / 100, "time_s": float(s)} for s in range(0, 12, 2)]
         (mdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     monkeypatch.chdir(tmp_path)
