@@ -148,17 +148,15 @@ def test_kill_and_resume_is_bitwise_exact_then_base_eval(tiny_home, request):
     assert a == b, f"kill at {kill_at}: metrics differ\n{a}\n{b}"  # bitwise: floats compared exactly
     assert sum(r[3] is not None for r in a) == 3  # val bpb at steps 0, 4, 8
     assert "sample:" in ref_out and "minimum val bpb" in ref_out
-    # a same-size corruption of the FINAL checkpoint: an explicit step is a one-line error (exit 2); and it is not
-    # "nothing to do": --resume auto skips it loudly, redoes steps 6..8 and ends on the same bits; a killed
+    # a same-size corruption of the FINAL checkpoint (an explicit step of it is a one-line error: test_cli_errors)
+    # is not "nothing to do": --resume auto skips it loudly, redoes steps 6..8 and ends on the same bits; a killed
     # save's temp file is swept at the start
     from picochat import checkpoint as ckpt
-    from picochat.__main__ import main as picochat_main
     model8 = ckpt.model_path(ckdir, 8)
     data = bytearray(model8.read_bytes())
     data[-16:] = bytes(x ^ 0xFF for x in data[-16:])
     model8.write_bytes(bytes(data))
     (ckdir / "optim_000008_rank0.safetensors.abc123.tmp").write_bytes(b"half a save")
-    assert picochat_main(["chat", "-i", "base", "-g", "run", "-s", "8", "-p", "hi", "--device-type", "cpu"]) == 2
     out, rc = _train(home, "run", "--resume", "auto")
     assert rc == 0 and "CORRUPT checkpoint skipped: step 8" in out and "resuming from step 6" in out, out
     assert _metrics(home, "run") == a and ckpt.corrupt_files(ckdir, 8) == [] and not list(ckdir.glob("*.tmp"))
@@ -204,10 +202,9 @@ def test_kill_and_resume_is_bitwise_exact_then_base_eval(tiny_home, request):
     other = home / "other"
     other.mkdir()
     shutil.copy(home / "shards" / "shard_00001.parquet", other / "only.parquet")
-    p = subprocess.run([sys.executable, "-m", "picochat", "base-eval", "--model-tag", "ref", "--eval", "bpb",
-                        "--device-batch-size", "2", "--split-tokens", "128", "--data-dir", str(other),
-                        "--device-type", "cpu"], env=_env(home), capture_output=True, text=True, cwd=REPO)
-    assert p.returncode == 0, p.stdout + p.stderr
+    from picochat.stages import base_eval  # in-process (this test already pays for enough interpreter starts)
+    assert base_eval.main(["--model-tag", "ref", "--eval", "bpb", "--device-batch-size", "2", "--split-tokens", "128",
+                           "--data-dir", str(other), "--device-type", "cpu"]) == 0
     after = json.loads((home / "report" / "base-evaluation.json").read_text())["data"]
     rec = after["bpb_on_other_data"][str(other.resolve())]
     assert 0 < rec["all_bpb"] < 20 and len(rec["sha256"]) == 64 and rec["files"] == 1

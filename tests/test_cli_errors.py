@@ -32,20 +32,37 @@ CASES = {
 }
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_user_mistake_is_one_line_and_exit_2(case, tmp_path):
+def test_user_mistake_is_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys):
+    """In-process through the same entry point as the command line (an interpreter start per case would cost ~7 s
+    each); the subprocess test below checks that the real `python -m picochat` behaves the same."""
+    from picochat.__main__ import main
     if case in ("cuda without a GPU", "serve cuda without a GPU"):
-        pytest.importorskip("torch")
         import torch
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
     args, env, expect = CASES[case]
-    r = run(args, tmp_path, **env)
-    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    errors = [l for l in r.stderr.splitlines() if "error:" in l]
-    assert len(errors) == 1, r.stderr[-3000:]
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    monkeypatch.delenv("PICOCHAT_MIRROR", raising=False)
+    monkeypatch.setenv("PICOCHAT_DEBUG", "")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, (rc, err[-2000:])
+    assert "Traceback" not in err, err[-3000:]
+    errors = [l for l in err.splitlines() if "error:" in l]
+    assert len(errors) == 1, err[-3000:]
     if expect:
         assert expect in errors[0], errors[0]
+
+def test_the_real_command_line_says_the_same(tmp_path):
+    r = run(["base-train", "--device-type", "cdua"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and "'cdua' is not one of cuda, cpu, mps" in errors[0], r.stderr
 
 def test_debug_shows_the_traceback(tmp_path):
     r = run(["base-train", "--device-type", "cdua"], tmp_path, PICOCHAT_DEBUG="1")

@@ -209,9 +209,12 @@ def test_models_health_stats_and_ui(server):
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     html = page.text
-    # self-contained: no external scripts, styles or fonts
-    assert "<script src" not in html and "<link" not in html and "@import" not in html
-    assert "http://" not in html and "https://" not in html
+    # nothing from elsewhere: every script and stylesheet is served by picochat itself (offline, no CDN)
+    import re
+    refs = re.findall(r'<(?:script|link)[^>]*(?:src|href)="([^"]+)"', html)
+    assert refs and all(r.startswith("/static/") for r in refs), refs
+    assert all(httpx.get(server.url + r).status_code == 200 for r in refs)
+    assert "@import" not in html and "http://" not in html and "https://" not in html
 
 def test_simple_ui_protocol(server, stack):
     """nanochat's original protocol on POST /chat/completions: {"token"} events then {"done": true}."""
