@@ -59,7 +59,6 @@ def main(argv=None):
     source = args.source or latest_source(args.model_tag)
     model, tok, meta = load_model(source, torch.device("cpu"), model_tag=args.model_tag, step=args.step)
     engine = Engine(model, tok)
-    end = tok.encode_special("<|assistant_end|>")
     totals = {}
     for category, prompts in PROMPTS.items():
         for p in prompts:
