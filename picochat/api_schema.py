@@ -164,26 +164,8 @@ def parse_chat_request(body, limits: Limits, defaults: dict) -> ChatRequest:
     messages = validate_messages(body.get("messages"), limits)
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise APIError("'model' must be a string", param="model", code="invalid_type")
-    mt = body.get("max_completion_tokens")
-    key = "max_completion_tokens" if mt is not None else "max_tokens"
-    max_tokens = _number(body, key, 1, limits.max_tokens_limit, None, integer=True)
-    if max_tokens is None:
-        max_tokens = min(defaults["max_tokens"], limits.max_tokens_limit)
-    temperature = float(_number(body, "temperature", 0.0, 2.0, defaults["temperature"]))
-    top_p = _number(body, "top_p", 0.0, 1.0, None, lo_open=True)
-    top_p = None if top_p is None or top_p >= 1.0 else float(top_p)
-    top_k = _number(body, "top_k", 0, limits.max_top_k, defaults["top_k"], integer=True)
-    top_k = None if not top_k else int(top_k)
-    n = _number(body, "n", 1, limits.max_n, 1, integer=True)
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise APIError("'seed' must be an integer", param="seed", code="invalid_type")
-    seed = random.randint(0, 2**31 - 1) if seed is None else seed % 2**63
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise APIError("'stream' must be true or false", param="stream", code="invalid_type")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    s = _sampling(body, limits, defaults, defaults["max_tokens"], 1, max_tokens_key=key)
     opts = body.get("stream_options")
     include_usage = False
     if opts is not None:
@@ -191,16 +173,6 @@ def parse_chat_request(body, limits: Limits, defaults: dict) -> ChatRequest:
             raise APIError("'stream_options' must be an object like {\"include_usage\": true}",
                            param="stream_options", code="invalid_type")
         include_usage = opts.get("include_usage", False)
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if (not isinstance(stop, list) or len(stop) > limits.max_stop
-            or not all(isinstance(s, str) and 0 < len(s) <= limits.max_stop_chars for s in stop)):
-        raise APIError(f"'stop' must be a string or a list of at most {limits.max_stop} non-empty strings "
-                       f"of at most {limits.max_stop_chars} characters", param="stop", code="invalid_value")
-    # Features we do not have: say so instead of silently ignoring them.
-    for key in ("frequency_penalty", "presence_penalty"):
-        if body.get(key) not in (None, 0, 0.0):
-            raise APIError(f"'{key}' is not supported (only 0)", param=key, code="unsupported")
     logprobs = body.get("logprobs")
     if logprobs not in (None, True, False):
         raise APIError("'logprobs' must be true or false", param="logprobs", code="invalid_type")
@@ -208,15 +180,14 @@ def parse_chat_request(body, limits: Limits, defaults: dict) -> ChatRequest:
     if top is not None and not logprobs:
         raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
     logprobs = (top or 0) if logprobs else None
-    if logprobs is not None and stream:
+    if logprobs is not None and s["stream"]:
         raise APIError("'logprobs' is only available without streaming (stream: false)", param="logprobs",
                        code="unsupported")
+    # Features we do not have: say so instead of silently ignoring them.
     if body.get("tools") or body.get("functions"):
         raise APIError("'tools' are not supported", param="tools", code="unsupported")
     _refuse_unhonoured(body)
-    return ChatRequest(messages=messages, max_tokens=int(max_tokens), temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=int(seed), n=int(n), stream=stream, include_usage=include_usage, stop=stop,
-                       logprobs=logprobs)
+    return ChatRequest(messages=messages, include_usage=include_usage, logprobs=logprobs, **s)
 
 def _refuse_unhonoured(body):
     for key, harmless in UNHONOURED.items():
@@ -224,9 +195,10 @@ def _refuse_unhonoured(body):
             raise APIError(f"'{key}' is not supported by this server (allowed: {harmless!r})", param=key,
                            code="unsupported")
 
-def _sampling(body, limits, defaults, max_tokens_default, max_tokens_floor):
-    """The sampling fields both endpoints share -> dict."""
-    max_tokens = _number(body, "max_tokens", max_tokens_floor, limits.max_tokens_limit, None, integer=True)
+def _sampling(body, limits, defaults, max_tokens_default, max_tokens_floor, max_tokens_key="max_tokens"):
+    """The sampling fields both endpoints share -> dict. Features we do not have are refused by name, never
+    silently ignored."""
+    max_tokens = _number(body, max_tokens_key, max_tokens_floor, limits.max_tokens_limit, None, integer=True)
     if max_tokens is None:
         max_tokens = min(max_tokens_default, limits.max_tokens_limit)
     top_p = _number(body, "top_p", 0.0, 1.0, None, lo_open=True)
