@@ -82,9 +82,9 @@ IDENTITY_NUM="${IDENTITY_NUM:-1000}"         # synthetic identity conversations 
 SFT_ITERS="${SFT_ITERS:-300}"
 # shares of the SFT rows (chat-sft --mixture): 300 steps see ~8K conversations, so the reference's proportions
 # (identity 0.2%: ~15 identity conversations, spelling 26%) would teach neither who the model is nor chat;
-# this demo mix gives identity 15% (each of the 1000 identity conversations seen ~once) and spelling 6% (at 10%
-# the demo model still answered "Compute 100 - 37." with a letter-counting transcript; dev/BENCH.md)
-SFT_MIXTURE="${SFT_MIXTURE:-smoltalk=0.55,mmlu=0.10:3,gsm8k=0.14:4,identity=0.15:12,simplespelling=0.03,spellingbee=0.03}"
+# this demo mix gives identity 15% (each of the 1000 identity conversations seen ~once) and spelling 10% (6% was
+# tried: no fewer spelling transcripts, fewer identity answers; dev/BENCH.md)
+SFT_MIXTURE="${SFT_MIXTURE:-smoltalk=0.55,mmlu=0.10:3,gsm8k=0.10:4,identity=0.15:12,simplespelling=0.06,spellingbee=0.04}"
 SFT_VAL_MIXTURE="${SFT_VAL_MIXTURE:-}"
 SFT_EVAL_EVERY="${SFT_EVAL_EVERY:-30}"      # ~11 SFT val points
 SFT_EVAL_TOKENS="${SFT_EVAL_TOKENS:-32768}"
