@@ -380,6 +380,15 @@ class SlowEngine:
             self.yielded += 1
             yield item
 
+def stats_once_free(url, timeout):
+    """/stats as soon as the single worker is free again (or at the deadline, for the caller to assert on)."""
+    deadline = time.time() + timeout
+    while True:
+        stats = httpx.get(url + "/stats").json()
+        if stats["available_workers"] == 1 or time.time() >= deadline:
+            return stats
+        time.sleep(0.05)
+
 def test_client_disconnect_frees_worker(stack):
     engine, tok = stack
     slow = SlowEngine(engine)
@@ -393,12 +402,7 @@ def test_client_disconnect_frees_worker(stack):
                     if line.startswith("data: ") and '"content"' in line and '"role"' not in line:
                         break  # first content chunk, then hang up
             assert c.get(srv.url + "/stats").json()["busy_workers"] in (0, 1)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            stats = httpx.get(srv.url + "/stats").json()
-            if stats["available_workers"] == 1:
-                break
-            time.sleep(0.05)
+        stats = stats_once_free(srv.url, timeout=10)
         assert stats["available_workers"] == 1 and stats["requests_cancelled"] == 1
         assert slow.yielded < 40, "generation kept running after the client left"
         # the freed worker serves the next request

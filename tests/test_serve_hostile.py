@@ -12,7 +12,7 @@ import pytest
 
 from picochat.stages.serve import create_app
 from picochat.server_thread import ServerThread
-from test_serve import build_tiny_model, SlowEngine, MODEL
+from test_serve import build_tiny_model, SlowEngine, MODEL, stats_once_free
 
 HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -124,11 +124,6 @@ def test_a_client_that_gives_up_cancels_its_generation(stack):
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "temperature": 1.0}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=0.5)
-        deadline = time.time() + 5
-        while time.time() < deadline:
-            stats = httpx.get(srv.url + "/stats").json()
-            if stats["available_workers"] == 1:
-                break
-            time.sleep(0.05)
+        stats = stats_once_free(srv.url, timeout=5)
         assert stats["available_workers"] == 1 and stats["requests_cancelled"] == 1, stats
         assert slow.yielded < 40, f"generation ran on after the client left ({slow.yielded} tokens)"
