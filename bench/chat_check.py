@@ -4,7 +4,9 @@ arithmetic, small coding requests), answered greedily, with automatic checks:
 
   * no_spelling: the reply is not a letter-counting transcript (asked of every prompt: none asks for spelling);
   * identity:    identity prompts' replies name picochat (what the identity data teaches);
-  * arithmetic:  the reply uses the python tool or states the right number;
+  * arithmetic:  the right number appears in the reply: stated in its text or returned by its python tool call
+                 (a tool call's own expression is not counted: "<|python_start|>144 / 12" mentions 12 but
+                 computes nothing; a call that copies the numbers wrongly returns the wrong result and fails);
   * ends:        the reply ends with <|assistant_end|> within the token budget.
 
     python bench/chat_check.py                       # latest sft/rl checkpoint under $PICOCHAT_HOME
@@ -33,6 +35,7 @@ PROMPTS = {
                "Write a function that returns the sum of a list.", "What does len() do in Python?",
                "Write a python function that checks if a number is even."],
 }
+TOOL_CALL = re.compile(r"<\|python_start\|>.*?(<\|python_end\|>|$)", re.S)
 # the spelling tasks' transcripts (not "#### N", which GSM8K answers end with too)
 SPELLING = re.compile(r"count the letter|spell it out|\.count\(|letters? ['\"]?\w['\"]? in the word", re.I)
 
@@ -43,8 +46,8 @@ def check(category, prompt, answer, reply, ended):
     if category == "identity":
         out["identity"] = "picochat" in reply.lower()
     if category == "arithmetic":
-        numbers = [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", reply.replace(",", ""))]
-        out["arithmetic"] = "<|python_start|>" in reply or float(answer) in numbers
+        said = TOOL_CALL.sub(" ", reply).replace(",", "")   # text and tool outputs, without the calls themselves
+        out["arithmetic"] = float(answer) in [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", said)]
     return out
 
 

@@ -79,14 +79,17 @@ SPLIT_TOKENS="${SPLIT_TOKENS:-131072}"       # tokens per split for base-eval bp
 CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-16}" # CORE subset: items per task (partial CORE, says so)
 CORE_TASKS="${CORE_TASKS:-}"                 # comma list of CORE labels (empty = all in core.yaml)
 IDENTITY_NUM="${IDENTITY_NUM:-1000}"         # synthetic identity conversations for SFT
-SFT_ITERS="${SFT_ITERS:-300}"
-# shares of the SFT rows (chat-sft --mixture): 300 steps see ~8K conversations, so the reference's proportions
-# (identity 0.2%: ~15 identity conversations, spelling 26%) would teach neither who the model is nor chat;
-# this demo mix gives identity 15% (each of the 1000 identity conversations seen ~once) and spelling 10% (6% was
-# tried: no fewer spelling transcripts, fewer identity answers; dev/BENCH.md)
-SFT_MIXTURE="${SFT_MIXTURE:-smoltalk=0.55,mmlu=0.10:3,gsm8k=0.10:4,identity=0.15:12,simplespelling=0.06,spellingbee=0.04}"
+SFT_ITERS="${SFT_ITERS:-600}"                # ~1 epoch of the demo mixture below (300 steps: half; dev/BENCH.md)
+# shares of the SFT rows (chat-sft --mixture): the reference's proportions (identity 0.2%: ~15 identity
+# conversations in this run, spelling 26%) would teach neither who the model is nor chat. This mix gives identity
+# 15% (each of the 1000 identity conversations seen ~2x), spelling 8%, and 11% synthetic `arithmetic` (the reply
+# opens with a python tool call), which a d2 model needs to tell "Compute 100 - 37." from a letter-counting question.
+# Measured with bench/chat_check.py from one base model (dev/BENCH.md): this mix at 600 steps passed all four
+# checks; at 300 steps it miscopied numbers into its tool calls; the previous mix (no arithmetic, spelling 10%)
+# gave a spelling transcript for "Compute 100 - 37."
+SFT_MIXTURE="${SFT_MIXTURE:-smoltalk=0.50,mmlu=0.08:3,gsm8k=0.08:4,identity=0.15:12,arithmetic=0.11,simplespelling=0.04,spellingbee=0.04}"
 SFT_VAL_MIXTURE="${SFT_VAL_MIXTURE:-}"
-SFT_EVAL_EVERY="${SFT_EVAL_EVERY:-30}"      # ~11 SFT val points
+SFT_EVAL_EVERY="${SFT_EVAL_EVERY:-60}"      # ~11 SFT val points
 SFT_EVAL_TOKENS="${SFT_EVAL_TOKENS:-32768}"
 CHAT_EVAL_TASKS="${CHAT_EVAL_TASKS:-}"       # '|'-separated (empty = all chat tasks)
 CHAT_EVAL_MAX="${CHAT_EVAL_MAX:-50}"         # problems per task

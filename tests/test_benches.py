@@ -100,7 +100,14 @@ def test_chat_check_runs_and_its_checks_bite(picochat_home, tiny_tokenizer, caps
     assert c("identity", "Who are you?", None, "I am ChatGPT.", False) == {"no_spelling": True, "ends": False,
                                                                          "identity": False}
     assert c("arithmetic", "What is 12*7?", 84, "12*7 = 84.", True)["arithmetic"] is True
-    assert c("arithmetic", "What is 12*7?", 84, "<|python_start|>12*7<|python_end|>", True)["arithmetic"] is True
+    called = "<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>"
+    assert c("arithmetic", "What is 12*7?", 84, called, True)["arithmetic"] is True          # the tool's result
+    miscopied = "<|python_start|>12*2<|python_end|><|output_start|>24<|output_end|>"
+    assert c("arithmetic", "What is 12*7?", 84, miscopied, True)["arithmetic"] is False
+    # a call's own expression computes nothing, though it mentions the answer's digits
+    assert c("arithmetic", "How much is 144 / 12?", 12, "<|python_start|>144 / 12", False)["arithmetic"] is False
+    assert c("arithmetic", "How much is 144 / 12?", 12, "<|python_start|>144 / 12<|python_end|><|output_start|>12.0"
+             "<|output_end|>", True)["arithmetic"] is True
     assert c("arithmetic", "What is 12*7?", 84, "It is 74.", True)["arithmetic"] is False
     tiny_tokenizer.save(picochat_home / "tokenizer")
     cfg = GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,

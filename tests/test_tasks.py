@@ -9,7 +9,8 @@ import pytest
 
 from picochat import fetch
 from picochat.tasks import (Task, TaskMixture, TaskSequence, render_mc, ARC, MMLU, GSM8K, HumanEval, SmolTalk,
-                            SpellingBee, SimpleSpelling, CustomJSON, parse_mixture, build_mixture)
+                            SpellingBee, SimpleSpelling, Arithmetic, CustomJSON, parse_mixture, build_mixture)
+from picochat.engine import use_calculator
 from picochat.tasks import MixItem, mixture_counts, composition
 from picochat.tasks.gsm8k import extract_answer, answer_to_parts
 from picochat.tasks.humaneval import extract_imports, extract_program
@@ -235,9 +236,41 @@ def test_simplespelling(tiny_mirror, tiny_tokenizer):
         check_render(tiny_tokenizer, conv)
 
 
+def test_arithmetic_tool_calls_match_the_engine_calculator(tiny_tokenizer):
+    task = Arithmetic(size=400, split="train")
+    ops = set()
+    for i in range(len(task)):
+        conv = task[i]
+        user, parts = conv["messages"][0]["content"], conv["messages"][1]["content"]
+        assert [p["type"] for p in parts] == ["python", "python_output", "text"]   # the reply OPENS with the tool
+        expr = parts[0]["text"]
+        a, op, b = expr.split(" ")
+        ops.add(op)
+        assert a in user and b in user
+        # training shows exactly what inference forces: the engine's calculator output for the same expression
+        assert parts[1]["text"] == str(use_calculator(expr))
+        x, y = int(a), int(b)
+        if op == "/":
+            assert y != 0 and x % y == 0, expr   # exact quotients only: the final answer is an integer
+        value = {"+": lambda: x + y, "-": lambda: x - y, "*": lambda: x * y, "/": lambda: x // y}[op]()
+        assert parts[2]["text"].endswith(f"#### {value}")
+        assert task.evaluate(conv, parts[2]["text"]) == 1
+        assert task.evaluate(conv, f"#### {value + 1}") == 0
+    assert ops == {"+", "-", "*", "/"}
+    check_render(tiny_tokenizer, task[0])
+    assert Arithmetic(size=400, split="train")[5] == task[5]
+    test = Arithmetic(size=400, split="test")
+    assert [test[i]["messages"][0]["content"] for i in range(20)] != [task[i]["messages"][0]["content"] for i in range(20)]
+
+
 def test_smoltalk_mirror_substitution_is_loud(tiny_mirror, tiny_tokenizer, loud_caplog):
+    # a task-oriented booking dialogue file: left out of the substitute (it is not general chat)
+    _jsonl(tiny_mirror / "sft" / "sgd_train.jsonl", [{"messages": [{"role": "user", "content": "Book a table."},
+                                                                   {"role": "assistant", "content": "Which city?"}]}])
     train, test = SmolTalk("train"), SmolTalk("test")
-    assert len(train) + len(test) == len(SFT_ROWS)   # nothing silently dropped
+    assert len(train) + len(test) == len(SFT_ROWS)   # nothing else silently dropped
+    assert "Which city?" not in [m["content"] for conv in list(train) + list(test) for m in conv["messages"]]
+    assert "not the task-oriented sgd_* dialogues" in loud_caplog.text
     assert "DATA SUBSTITUTION" in loud_caplog.text and "SmolTalk" in loud_caplog.text
     for conv in train:
         check_render(tiny_tokenizer, conv)

@@ -5,7 +5,8 @@ Mixture spec: comma-separated `name[@limit][:repeats]`, e.g. the default
     "smoltalk,mmlu:3,gsm8k:4,identity:2,simplespelling,spellingbee"
 `@limit` keeps the first `limit` examples (after the task's own shuffle), `:k` lists the task k times
 (oversampling). A name ending in .jsonl is a CustomJSON file.
-Names: smoltalk, mmlu, gsm8k, arc-easy, arc-challenge, humaneval, identity, spellingbee, simplespelling.
+Names: smoltalk, mmlu, gsm8k, arc-easy, arc-challenge, humaneval, identity, spellingbee, simplespelling,
+arithmetic (synthetic tool-use arithmetic; not in the reference's mixture, used by the CPU demo).
 """
 import random
 import logging
@@ -19,12 +20,13 @@ from picochat.tasks.gsm8k import GSM8K
 from picochat.tasks.humaneval import HumanEval
 from picochat.tasks.smoltalk import SmolTalk
 from picochat.tasks.spellingbee import SpellingBee, SimpleSpelling
+from picochat.tasks.arithmetic import Arithmetic
 from picochat.tasks.customjson import CustomJSON
 
 log = logging.getLogger("picochat.tasks")
 
 __all__ = ["Task", "TaskMixture", "TaskSequence", "render_mc", "ARC", "MMLU", "GSM8K", "HumanEval", "SmolTalk",
-           "SpellingBee", "SimpleSpelling", "CustomJSON", "build_mixture", "parse_mixture", "make_task",
+           "SpellingBee", "SimpleSpelling", "Arithmetic", "CustomJSON", "build_mixture", "parse_mixture", "make_task",
            "EVAL_TASKS", "BASELINES", "DEFAULT_SFT_MIXTURE", "DEFAULT_VAL_MIXTURE"]
 
 DEFAULT_SFT_MIXTURE = "smoltalk,mmlu:3,gsm8k:4,identity:2,simplespelling,spellingbee"
@@ -73,8 +75,11 @@ def make_task(name: str, split: str, **kw) -> Task:
         return SpellingBee(size=kw.pop("size", 80_000 if train else 256), split=split, **kw)
     if key == "simplespelling":
         return SimpleSpelling(size=kw.pop("size", 200_000 if train else 256), split=split, **kw)
+    if key == "arithmetic":
+        return Arithmetic(size=kw.pop("size", 50_000 if train else 256), split=split, **kw)
     raise ValueError(f"unknown task {name!r} in the mixture; known: smoltalk, mmlu, gsm8k, arc-easy, "
-                     "arc-challenge, humaneval, identity, spellingbee, simplespelling, or a path ending in .jsonl")
+                     "arc-challenge, humaneval, identity, spellingbee, simplespelling, arithmetic, or a path ending in "
+                     ".jsonl")
 
 
 # Rows each source has in the reference's datasets. Without explicit shares, a mixture keeps the proportions these
@@ -146,7 +151,7 @@ def build_mixture(spec: str, split: str = "train") -> TaskMixture:
     for m in items:
         kw = {}
         if m.limit is not None:
-            if m.name.lower() in ("spellingbee", "simplespelling"):
+            if m.name.lower() in ("spellingbee", "simplespelling", "arithmetic"):   # synthetic: N examples
                 kw["size"] = m.limit
             else:
                 kw["stop"] = m.limit

@@ -4,6 +4,10 @@ SmolTalk (HuggingFaceTB/smol-smoltalk): general chat conversations for SFT (~460
 The mirror has no SmolTalk. With PICOCHAT_MIRROR set we substitute the mirror's sft/*.jsonl
 conversations (messages format) and log that loudly: a deterministic 95% / 5% split of their union
 (Random(42)) stands in for train / test.
+The substitute leaves out the mirror's Schema-Guided Dialogue files (sgd_*): they are task-oriented booking
+dialogues ("What city do you want to search in?"), ~18 turns each, so they were 72% of the substitute's rows and
+most of its tokens, and the CPU demo's model answered greetings, facts and sums with slot-filling questions.
+SmolTalk is general assistant chat; the remaining files (instructions, harmless chat, code) are closer to it.
 """
 import random
 from pathlib import Path
@@ -16,6 +20,7 @@ from picochat.tasks.common import (Task, have_mirror, mirror_has, mirror_file, r
 MIRROR_SFT_FILES = ["dolly_hhrlhf_small.jsonl", "gpteacher_codegen.jsonl", "hh_rlhf_harmless_base_test.jsonl",
                     "sgd_train.jsonl.gz", "sgd_dev.jsonl.gz", "sgd_test.jsonl.gz"]
 TEST_FRACTION = 0.05
+NOT_GENERAL_CHAT = ("sgd_",)   # file-name prefixes left out of the substitute (see the module docstring)
 
 
 def mirror_sft_files() -> list:
@@ -24,7 +29,7 @@ def mirror_sft_files() -> list:
         names = sorted(p.name for p in (Path(m) / "sft").glob("*.jsonl*") if ".raw." not in p.name)
     else:
         names = [n for n in MIRROR_SFT_FILES if mirror_has(f"sft/{n}")]
-    return names
+    return [n for n in names if not n.startswith(NOT_GENERAL_CHAT)]
 
 
 def load_mirror_conversations() -> tuple:
@@ -59,7 +64,7 @@ class SmolTalk(Task):
             n_test = max(1, int(len(convs) * TEST_FRACTION))
             self.convs = convs[:n_test] if split == "test" else convs[n_test:]
             loud_fallback(f"SmolTalk is not in the mirror; using the mirror's sft/*.jsonl conversations "
-                          f"({', '.join(mirror_sft_files())}) instead: {len(self.convs)} {split} conversations "
+                          f"({', '.join(mirror_sft_files())}; not the task-oriented sgd_* dialogues) instead: {len(self.convs)} {split} conversations "
                           f"(reference SmolTalk: ~460K train / ~24K test); {skipped} malformed rows skipped. An SFT "
                           f"mixture keeps its proportions, so it shrinks with this source (chat-sft prints the "
                           f"composition): chat stays its share, the other tasks do not take over")
