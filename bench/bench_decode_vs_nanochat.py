@@ -2,7 +2,9 @@
 Batch-1 prefill and decode, picochat's Engine against nanochat's, side by side in one process.
 
 Both models get the SAME weights (picochat's state-dict keys are nanochat's), the same prompt and greedy
-decoding, so both must produce the same tokens (checked and reported). Each round times picochat then
+decoding. Each engine runs as its users get it by default: nanochat in fp32 (its CPU default), picochat with its
+default --decode-dtype auto (a bf16-weight copy for decode on an fp32 CPU, prefill in fp32), so the tokens may
+differ; with --decode-dtype model both decode in fp32 and must produce the same tokens (checked and reported). Each round times picochat then
 nanochat (alternated, so a machine whose speed drifts slows both alike); medians over the rounds are reported.
   prefill tok/s = prompt tokens / time to the first sampled token (prefill + one sampling step)
   decode  tok/s = (new tokens - 1) / time for the tokens after the first
@@ -13,6 +15,7 @@ script says so and exits 0.
     python bench/bench_decode_vs_nanochat.py --nanochat /tmp/nanochat --depth 4 --rounds 7
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -23,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from picochat.common import device_name  # noqa: E402
-from picochat.engine import Engine  # noqa: E402
+from picochat.engine import DECODE_DTYPES, Engine, resolve_decode_dtype  # noqa: E402
 from picochat.gpt import build_model, config_from_depth  # noqa: E402
 from picochat.stages.infer_bench import _BenchTokenizer  # noqa: E402
 
@@ -55,8 +58,9 @@ def main(argv=None):
     p.add_argument("--decode-tokens", type=int, default=128, help="new tokens per generation")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per engine (after one warm-up each)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--decode-dtype", default="", choices=["", "bfloat16"],
-                   help="picochat decodes with a copy of the model in this dtype (its tokens may then differ)")
+    p.add_argument("--decode-dtype", default="auto", choices=DECODE_DTYPES,
+                   help="picochat's decode weights, as `picochat chat --decode-dtype`: auto (its default: a bf16 copy "
+                        "on an fp32 CPU; the tokens may then differ from nanochat's) or model (fp32: same tokens)")
     args = p.parse_args(argv)
     if not args.nanochat or not os.path.isdir(os.path.join(args.nanochat, "nanochat")):
         print(f"no nanochat checkout at {args.nanochat!r} (pass --nanochat PATH): nothing to compare")
@@ -76,14 +80,17 @@ def main(argv=None):
             block.attn.c_proj.weight.normal_(0, 0.02)
             block.mlp.c_proj.weight.normal_(0, 0.02)
     with torch.device("meta"):
-        nano = NanoGPT(NanoConfig(**cfg.to_dict()))
+        # only the fields nanochat's config has (picochat's adds e.g. short_window, which defaults to nanochat's rule)
+        known = {f.name for f in dataclasses.fields(NanoConfig)}
+        nano = NanoGPT(NanoConfig(**{k: v for k, v in cfg.to_dict().items() if k in known}))
     nano.to_empty(device="cpu")
     nano.init_weights()
     nano.load_state_dict(pico.state_dict(), strict=True)
     pico.eval()
     nano.eval()
     tok = _NeverStopTokenizer(args.vocab_size)
-    decode_dtype = getattr(torch, args.decode_dtype) if args.decode_dtype else None
+    decode_dtype, decode_note = resolve_decode_dtype(args.decode_dtype, pico)
+    print(f"picochat {decode_note}")
     engines = {"picochat": Engine(pico, tok, decode_dtype=decode_dtype), "nanochat": NanoEngine(nano, tok)}
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab_size, (args.prompt_tokens,), generator=g).tolist()
@@ -102,7 +109,7 @@ def main(argv=None):
     med = {n: {k: statistics.median(v) for k, v in times[n].items()} for n in engines}
     same = outputs["picochat"] == outputs["nanochat"]
     print(f"d{args.depth}, {args.prompt_tokens}-token prompt, {args.decode_tokens} new tokens, batch 1, fp32 "
-          f"(picochat decodes in {args.decode_dtype or 'float32'}), "
+          f"(picochat decodes in {str(decode_dtype or torch.float32).removeprefix('torch.')}), "
           f"{torch.get_num_threads()} threads, {device_name('cpu')}; same greedy tokens: {same}")
     print(f"{'engine':<10} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for n in engines:
@@ -111,9 +118,9 @@ def main(argv=None):
     print(f"{'ratio':<10} {ratio['prefill']:>13.2f}x {ratio['decode']:>12.2f}x")
     print(json.dumps(dict(bench="decode_vs_nanochat", depth=args.depth, prompt_tokens=args.prompt_tokens,
                           decode_tokens=args.decode_tokens, rounds=args.rounds, threads=torch.get_num_threads(),
-                          decode_dtype=args.decode_dtype or "float32",
+                          decode_dtype=str(decode_dtype or torch.float32).removeprefix("torch."),
                           same_tokens=same, medians=med, ratio=ratio)))
-    return 0 if same or args.decode_dtype else 1  # bf16 decode weights are not expected to match token for token
+    return 0 if same or decode_dtype is not None else 1  # bf16 decode weights need not match token for token
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,8 @@ Steps, each with its own time limit; a failed step is recorded and the rest stil
   train_bf16  base-train d12 (seq 2048, bf16, compile on): compile time (step 0), steady tok/s and MFU, peak
               memory; its loss curve is held against bench/gpu_golden.json (written to OUTDIR the first time)
   train_fp8   the same model with --fp8 for a few steps: tok/s and MFU
+  train_sssl  the same model with sliding windows (SSSL) for a few steps: FlexAttention's block-sparse windows
+              when FA3 is absent (offline, or not Hopper), FA3 otherwise; tok/s and MFU against the L run
   infer       infer-bench of the d12 checkpoint at batch 1, 8, 32
   sft, eval   a few chat-sft steps on GSM8K, then chat-eval on a handful of GSM8K and SpellingBee items
 OUTDIR/gpu_check.json holds every figure; the key ones are printed last.
@@ -127,6 +129,10 @@ def main(argv=None):
     summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "cuda": torch.version.cuda, "nproc": args.nproc, "smoke": args.smoke,
                "steps": {}}
+    if torch.cuda.is_available():
+        from picochat import attention
+        summary["attention_windows"] = attention.backend_name(torch.bfloat16, "cuda")
+        summary["fa3_unavailable_because"] = attention._FA3_ERROR
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
               "-m", "picochat"]
     total = str(size["batch_per_gpu"] * args.nproc)
@@ -147,6 +153,11 @@ def main(argv=None):
                                     str(size["fp8_steps"]), "--model-tag", "gc_fp8"], env, 600, summary)
         if rc == 0:
             summary["train_fp8"] = {k: v for k, v in train_figures(home, "gc_fp8", out).items() if k != "losses"}
+        sssl = [a if a != "L" else "SSSL" for a in train]   # the --window-pattern value
+        out, rc = run("train_sssl", [*launch, "base-train", *sssl, "--num-iterations", str(size["fp8_steps"]),
+                                     "--model-tag", "gc_sssl"], env, 600, summary)
+        if rc == 0:
+            summary["train_sssl"] = {k: v for k, v in train_figures(home, "gc_sssl", out).items() if k != "losses"}
     out, rc = run("infer", [sys.executable, "-m", "picochat", "infer-bench", "-i", "base", "-g", "gc",
                             *size["infer"], *size["device"]], env, 600, summary)
     if rc == 0:
@@ -164,7 +175,9 @@ def main(argv=None):
     print(f"{summary['device']} x{args.nproc}, torch {summary['torch']}, CUDA {summary['cuda']}")
     for name, s in summary["steps"].items():
         print(f"  {name:<11} rc {s['rc']:<4} {s['wall_s']:>7.1f}s")
-    for key in ("train_bf16", "train_fp8"):
+    print(f"  sliding-window attention: {summary.get('attention_windows')} "
+          f"(FA3: {summary.get('fa3_unavailable_because') or 'loaded'})")
+    for key in ("train_bf16", "train_fp8", "train_sssl"):
         if key in summary:
             f = summary[key]
             print(f"  {key}: {f['tok_per_sec']} tok/s, MFU {f['mfu_percent']}%, step 0 (compile) "

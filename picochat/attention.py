@@ -10,9 +10,14 @@ everywhere else. Two entry points, both taking the (B, T, H, D) layout the model
 window_size=(window, 0). window >= the number of keys means plain causal attention.
 
 Backend choice: FA3 when it is loadable (CUDA; a locally installed `flash_attn_interface`, else the `kernels` hub
-kernel, which downloads) and the tensors
-are bf16 (FA3 is bf16/fp16 only; picochat uses it for bf16). Override with env PICOCHAT_ATTN=sdpa|fa3 or by
-setting `attention.OVERRIDE = "sdpa" | "fa3" | None` (tests do that).
+kernel, which downloads) and the tensors are bf16 (FA3 is bf16/fp16 only; picochat uses it for bf16).
+Without FA3, a sliding window that actually cuts (window < keys - 1, more than one query) goes to FlexAttention
+with a block-sparse mask on CUDA: SDPA has no native window, so it would need a dense (T, T) mask, O(T^2) memory
+and work for a window of T/4. On CPU FlexAttention has no backward (torch 2.13) and each new shape costs a
+compile of several seconds, so CPU takes it only when asked (PICOCHAT_ATTN=flex, forward only: evaluation and
+prefill of long fixed-length rows, where it measured 1.65-2.27x SDPA's speed at seq 2048). Everything else
+(full causal, single-token decode, fp32/fp16 on CPU) is SDPA, which is exact there.
+Override with env PICOCHAT_ATTN=sdpa|flex|fa3 or `attention.OVERRIDE = "sdpa" | "flex" | "fa3" | None` (tests).
 
 Example:
     python -c "from picochat import attention; print(attention.backend_name())"
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 
 from picochat.common import logger
 
-OVERRIDE = None  # None = auto; "sdpa" or "fa3" forces a backend (tests, debugging)
+OVERRIDE = None  # None = auto; "sdpa", "flex" or "fa3" forces a backend (tests, debugging)
 
 # -----------------------------------------------------------------------------
 # FA3 loading (lazy, cached). Nothing is compiled at install time: the HF kernel hub ships prebuilt binaries.
@@ -43,10 +48,13 @@ def _load_fa3():
     return _FA3
 
 def prepare(device_type: str):
-    """Resolve the backend eagerly (GPT.init_weights calls this)."""
-    if device_type == "cuda" and _requested() != "sdpa" and _load_fa3() is None:
-        logger.warning(f"Flash Attention 3 unavailable ({_FA3_ERROR}); using PyTorch SDPA. "
-                       "Sliding windows then need explicit masks: prefer --window-pattern L.")
+    """Resolve the backend eagerly (GPT.init_weights calls this), so nothing is loaded inside a compiled trace."""
+    if use_flex(device_type):
+        _flex_api()
+    if device_type == "cuda" and _requested() not in ("sdpa", "flex") and _load_fa3() is None:
+        how = ("FlexAttention for sliding windows (block-sparse masks), SDPA for full causal" if use_flex("cuda")
+               else "PyTorch SDPA (sliding windows need dense masks: prefer --window-pattern L)")
+        logger.warning(f"Flash Attention 3 unavailable ({_FA3_ERROR}); using {how}.")
 
 def _load_fa3_uncached():
     global _FA3_ERROR
@@ -80,14 +88,14 @@ def _load_fa3_uncached():
 
 def _requested() -> str:
     req = OVERRIDE or os.environ.get("PICOCHAT_ATTN", "") or "auto"
-    if req not in ("auto", "sdpa", "fa3"):
-        raise ValueError(f"PICOCHAT_ATTN={req!r} is not one of auto, sdpa, fa3")
+    if req not in ("auto", "sdpa", "flex", "fa3"):
+        raise ValueError(f"PICOCHAT_ATTN={req!r} is not one of auto, sdpa, flex, fa3")
     return req
 
 def use_fa3(dtype: torch.dtype = torch.bfloat16, device_type: str = "cuda") -> bool:
     """Whether a call with tensors of this dtype/device goes to FA3."""
     req = _requested()
-    if req == "sdpa":
+    if req in ("sdpa", "flex"):
         return False
     ok = device_type == "cuda" and dtype == torch.bfloat16 and _load_fa3() is not None
     if req == "fa3" and not ok:
@@ -97,8 +105,17 @@ def use_fa3(dtype: torch.dtype = torch.bfloat16, device_type: str = "cuda") -> b
     return ok
 
 def backend_name(dtype: torch.dtype = torch.bfloat16, device_type: str = None) -> str:
+    """The backend of a sliding-window training call (full-causal calls without FA3 are always SDPA)."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    return "fa3" if use_fa3(dtype, device_type) else "sdpa"
+    if use_fa3(dtype, device_type):
+        return "fa3"
+    return "flex" if use_flex(device_type) else "sdpa"
+
+def use_flex(device_type: str) -> bool:
+    """Whether a windowed call (that FA3 does not take) goes to FlexAttention: on CUDA by default, on CPU when
+    PICOCHAT_ATTN=flex (see the module docstring for why)."""
+    req = _requested()
+    return req == "flex" or (req == "auto" and device_type == "cuda")
 
 _WARNED_MASKS = False
 
@@ -150,6 +167,64 @@ def _sdpa(q, k, v, window: int, scale=None):
     return y.transpose(1, 2)
 
 # -----------------------------------------------------------------------------
+# FlexAttention path (block-sparse sliding window)
+
+_FLEX = None            # (flex_attention, create_block_mask): imported on first use (~0.25 s, most runs never need it)
+_FLEX_COMPILED = None
+_BLOCK_MASKS = {}   # (Tq, Tk, window, device) -> BlockMask, for eager callers (compiled graphs build their own)
+
+def _flex_api():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention, create_block_mask
+        _FLEX = (flex_attention, create_block_mask)
+    return _FLEX
+
+def _window_block_mask(Tq: int, Tk: int, window: int, device):
+    """The block-sparse form of _window_mask: query i sits at absolute position (Tk - Tq + i)."""
+    offset = Tk - Tq
+    create_block_mask = _flex_api()[1]
+
+    def sliding_causal(b, h, q_idx, kv_idx):
+        q_pos = q_idx + offset
+        return (kv_idx <= q_pos) & (kv_idx >= q_pos - window)
+    if torch.compiler.is_compiling():
+        return create_block_mask(sliding_causal, None, None, Tq, Tk, device=device)
+    key = (Tq, Tk, window, str(device))
+    if key not in _BLOCK_MASKS:
+        if len(_BLOCK_MASKS) > 64:   # varying prompt lengths: keep the cache bounded
+            _BLOCK_MASKS.clear()
+        _BLOCK_MASKS[key] = create_block_mask(sliding_causal, None, None, Tq, Tk, device=device)
+    return _BLOCK_MASKS[key]
+
+def _flex(q, k, v, window: int, scale=None):
+    """q (B,Tq,H,D), k/v (B,Tk,Hkv,D); the queries are the LAST Tq positions of the Tk keys."""
+    global _FLEX_COMPILED
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("PICOCHAT_ATTN=flex on CPU is forward-only: FlexAttention has no CPU backward in this "
+                           "torch. Unset PICOCHAT_ATTN for training on CPU (SDPA).")
+    Tq, Tk = q.size(1), k.size(1)
+    flex_attention = _flex_api()[0]
+    mask = _window_block_mask(Tq, Tk, window, q.device)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if torch.compiler.is_compiling():   # inside a compiled model the call is fused into its graph
+        fn = flex_attention
+    else:   # eager flex_attention is a slow reference implementation; the compiled one is the kernel
+        if _FLEX_COMPILED is None:
+            _FLEX_COMPILED = torch.compile(flex_attention)   # automatic dynamic shapes after a first recompile
+        fn = _FLEX_COMPILED
+    y = fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
+    return y.transpose(1, 2)
+
+def _windowed(q, k, v, window: int, scale=None):
+    """Non-FA3 attention of the last Tq queries over Tk keys: FlexAttention where the window cuts and it is
+    enabled, else SDPA."""
+    Tq, Tk = q.size(1), k.size(1)
+    if Tq > 1 and window < Tk - 1 and use_flex(q.device.type):
+        return _flex(q, k, v, window, scale)
+    return _sdpa(q, k, v, window, scale)
+
+# -----------------------------------------------------------------------------
 # Public API
 
 def attention(q, k, v, window: int, scale: float = None):
@@ -159,7 +234,7 @@ def attention(q, k, v, window: int, scale: float = None):
         fa3 = _load_fa3()
         y = fa3.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=(window, 0))
         return y[0] if isinstance(y, tuple) else y
-    return _sdpa(q, k, v, window, scale)
+    return _windowed(q, k, v, window, scale)
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, window: int, pos: int = None,
                            scale: float = None):
@@ -180,4 +255,4 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, window: int
         raise ValueError(f"KV cache overflow: position {pos} + {T} new tokens > cache length {k_cache.size(1)}")
     k_cache[:, pos:pos + T] = k
     v_cache[:, pos:pos + T] = v
-    return _sdpa(q, k_cache[:, :pos + T], v_cache[:, :pos + T], window, scale)
+    return _windowed(q, k_cache[:, :pos + T], v_cache[:, :pos + T], window, scale)

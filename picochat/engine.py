@@ -135,13 +135,39 @@ class _RowState:
         self.python_tokens = []
         self.completed = False
 
+DECODE_DTYPES = ("auto", "model", "bfloat16")   # the --decode-dtype choices of the interactive stages
+# Rows up to which a decode copy is used. It is made for CPUs without native bf16, where a bf16 matmul is emulated:
+# d6 decode measured (infer-bench, AVX2 Zen 3) bf16 vs fp32 tok/s 77 vs 49 at 1 row, 150 vs 113 at 4, 181 vs 204
+# at 8 and 166 vs 321 at 16 rows: reading the weights dominates only while the batch is small.
+DECODE_COPY_MAX_ROWS = 4
+
+
+def resolve_decode_dtype(choice: str, model):
+    """--decode-dtype -> (dtype for Engine(decode_dtype=...) or None, one line saying what and why).
+    auto: a bf16-weight copy where the model computes in fp32 on CPU (a CPU without native bf16 matrix
+    instructions). Batch-1 decode there is bound by reading every weight once per token (147 MB per token at d6
+    with a 32768 vocab), and bf16 weights halve those bytes: measured 1.6x tokens/s at d6 on an AVX2-only CPU
+    (dev/BENCH.md), with prefill still done by the fp32 model. On CUDA, MPS and bf16-native CPUs the model
+    already computes in bf16 or fp16, so there is nothing to gain. model: decode with the model's own weights
+    (bit-identical to the fp32 path; the evaluation stages always do)."""
+    compute = getattr(model, "compute_dtype", torch.float32)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if choice == "model" or (choice == "auto" and not (on_cpu and compute == torch.float32)):
+        return None, f"decode: the model's own weights ({str(compute).removeprefix('torch.')})"
+    if choice not in DECODE_DTYPES:
+        raise ValueError(f"--decode-dtype {choice!r} is not one of {', '.join(DECODE_DTYPES)}")
+    return torch.bfloat16, ("decode: a bf16-weight copy of the model (batch-1 decode on this CPU is bound by reading "
+                            "the weights; bf16 halves them; --decode-dtype model decodes in fp32)")
+
+
 class Engine:
     def __init__(self, model, tokenizer, sandbox: bool | str = False, sandbox_timeout: float = 5.0, decode_dtype=None):
         """sandbox: False = the python tool only calculates; True = it also runs code in picochat.sandbox's default
         mode; "kernel" or "unsafe" = in that mode.
         decode_dtype: e.g. torch.bfloat16 to decode with a bf16-weight copy of the model (the prompt is still
         prefilled by `model`); faster where decode is bound by reading the weights, and not bit-identical to
-        decoding with `model`. None = decode with `model`."""
+        decoding with `model` (generate(exact=True) decodes with `model` anyway). None = decode with `model`.
+        resolve_decode_dtype() turns the stages' --decode-dtype into this."""
         self.model = model
         self.decode_model = model
         if decode_dtype is not None and decode_dtype != getattr(model, "compute_dtype", decode_dtype):
@@ -239,8 +265,12 @@ class Engine:
         return result
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
-        """Yields (token_column, token_masks): one token per sample per step; mask 0 = forced tool output."""
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42,
+                 exact=False):
+        """Yields (token_column, token_masks): one token per sample per step; mask 0 = forced tool output.
+        exact: decode with the model's own weights even when the engine has a decode copy (e.g. when the caller
+        reports the model's logprobs of the tokens chosen). The copy also sits out batches of more than
+        DECODE_COPY_MAX_ROWS samples, where it is slower."""
         try:
             tokens = [int(t) for t in tokens]
         except (TypeError, ValueError):
@@ -264,7 +294,8 @@ class Engine:
         logits = self._last_logits(ids, kv_prefill)
         logits = logits.expand(num_samples, -1)  # every row samples its own first token below
         # 2) clone into the decode cache
-        kv = self._kv_cache(num_samples, len(tokens) + max_tokens, self.decode_model)
+        decoder = self.model if exact or num_samples > DECODE_COPY_MAX_ROWS else self.decode_model
+        kv = self._kv_cache(num_samples, len(tokens) + max_tokens, decoder)
         kv.prefill(kv_prefill)  # (cast to the decode model's dtype when it differs)
         del kv_prefill
 
@@ -294,7 +325,7 @@ class Engine:
             if step + 1 == max_tokens or all(r.completed for r in rows):
                 break
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
-            logits = self._last_logits(ids, kv, self.decode_model)
+            logits = self._last_logits(ids, kv, decoder)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """(results, masks): the ORIGINAL prompt + completion per sample, terminal tokens not appended;

@@ -153,8 +153,10 @@ class Generation:
                 budget = req.max_tokens if seq_len is None else max(0, min(req.max_tokens, seq_len - len(prompt)))
                 terminal = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
                 rows = [Row(TextStreamer(tok), req.stop) for _ in range(req.n)]
+                # logprobs are the master model's: decode with it too, so "the greedy token" is the model's argmax
                 gen = engine.generate(prompt, num_samples=req.n, max_tokens=req.max_tokens,
-                                      temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed)
+                                      temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+                                      exact=req.logprobs is not None)
                 try:
                     for column, _masks in (gen if budget > 0 else ()):
                         if self.first_token_at is None:

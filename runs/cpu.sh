@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU demo: the whole pipeline on a laptop or a small CPU box, in about 25 minutes on 2 cores.
+# The CPU demo: the whole pipeline on a laptop or a small CPU box, in about 27 minutes on 2 cores.
 #   data -> tokenizer -> pretraining -> base eval (bpb + a CORE subset) -> SFT -> chat eval -> report
 #
 #   PICOCHAT_MIRROR=../shared/data bash runs/cpu.sh     # offline, from a local mirror (or an http(s) URL)
@@ -27,9 +27,9 @@
 #   (1.631 vs 1.668); the default val bpb crops like the reference, sees only each document's first row
 #   (the very text a cropping run trains on) and so favours cropping (1.722 vs 1.702). A cropping run
 #   would also repeat those openings ~15 times in 20 minutes.
-# Wall clock on 2 cores, measured (dev/BENCH.md): 25m15s in all. data + tokenizer 20 s, base-train 20 min
-# (BASE_TIME_S includes start-up and val evals; the horizon is fit to it), base-eval 1.7 min, SFT 300 steps
-# 2.3 min, chat-eval 0.5 min. Base val bpb 1.605 (1.499 over whole documents), SFT val bpb 1.69.
+# Wall clock on 2 cores, measured (dev/BENCH.md): ~27 min in all. data + tokenizer 30 s, base-train 20 min
+# (BASE_TIME_S includes start-up and val evals; the horizon is fit to it), base-eval 0.8 min, SFT 600 steps
+# 5 min, chat-eval 0.7 min. Base val bpb 1.62-1.63 (the step count varies with the box), ChatCORE 0.08.
 # A re-run with different knobs in the same PICOCHAT_HOME keeps the old report sections: use a fresh
 # PICOCHAT_HOME (or `picochat report reset`) for a new run.
 set -euo pipefail
@@ -82,12 +82,12 @@ IDENTITY_NUM="${IDENTITY_NUM:-1000}"         # synthetic identity conversations 
 SFT_ITERS="${SFT_ITERS:-600}"                # ~1 epoch of the demo mixture below (300 steps: half; dev/BENCH.md)
 # shares of the SFT rows (chat-sft --mixture): the reference's proportions (identity 0.2%: ~15 identity
 # conversations in this run, spelling 26%) would teach neither who the model is nor chat. This mix gives identity
-# 15% (each of the 1000 identity conversations seen ~2x), spelling 8%, and 11% synthetic `arithmetic` (the reply
-# opens with a python tool call), which a d2 model needs to tell "Compute 100 - 37." from a letter-counting question.
-# Measured with bench/chat_check.py from one base model (dev/BENCH.md): this mix at 600 steps passed all four
-# checks; at 300 steps it miscopied numbers into its tool calls; the previous mix (no arithmetic, spelling 10%)
-# gave a spelling transcript for "Compute 100 - 37."
-SFT_MIXTURE="${SFT_MIXTURE:-smoltalk=0.50,mmlu=0.08:3,gsm8k=0.08:4,identity=0.15:12,arithmetic=0.11,simplespelling=0.04,spellingbee=0.04}"
+# 15% (each of the 1000 identity conversations seen ~2x) and 11% synthetic `arithmetic` (the reply opens with a
+# python tool call). SpellingBee is left out: a d2 model never learns it here (0% in every demo run), yet its long,
+# regular letter-counting transcripts leaked into 1-5 of 30 everyday replies ("How many days are in a week?"),
+# 4% of them or 10%; without it, 0 of 30 from two different base models (bench/chat_check.py, dev/BENCH.md).
+# Add it back with SFT_MIXTURE=...,spellingbee=0.04 on a bigger model.
+SFT_MIXTURE="${SFT_MIXTURE:-smoltalk=0.54,mmlu=0.08:3,gsm8k=0.08:4,identity=0.15:12,arithmetic=0.11,simplespelling=0.04}"
 SFT_VAL_MIXTURE="${SFT_VAL_MIXTURE:-}"
 SFT_EVAL_EVERY="${SFT_EVAL_EVERY:-60}"      # ~11 SFT val points
 SFT_EVAL_TOKENS="${SFT_EVAL_TOKENS:-32768}"

@@ -101,11 +101,90 @@ def test_override_knob(monkeypatch):
     with pytest.raises(ValueError, match="PICOCHAT_ATTN"):
         A.use_fa3()
     monkeypatch.delenv("PICOCHAT_ATTN")
-    assert A.backend_name(torch.float32, "cpu") == "sdpa"  # fp32 / CPU always SDPA
+    assert A.backend_name(torch.float32, "cpu") == "sdpa"  # CPU: SDPA unless flex is asked for
+    monkeypatch.setattr(A, "_load_fa3", lambda: None)
+    assert A.backend_name(torch.bfloat16, "cuda") == "flex"  # CUDA without FA3: block-sparse windows
+    monkeypatch.setenv("PICOCHAT_ATTN", "flex")
+    assert A.backend_name(torch.float32, "cpu") == "flex"
+    monkeypatch.delenv("PICOCHAT_ATTN")
     if not torch.cuda.is_available():
         monkeypatch.setattr(A, "OVERRIDE", "fa3")
         with pytest.raises(RuntimeError, match="FA3 cannot run"):
             A.use_fa3(torch.bfloat16, "cuda")
+
+# -----------------------------------------------------------------------------
+# FlexAttention (block-sparse sliding window): on CPU forward only, through the eager reference implementation
+# for the numerics (each compiled shape costs seconds on CPU) and once through the compiled kernel
+
+@pytest.fixture
+def flex_eager(monkeypatch):
+    monkeypatch.setattr(A, "OVERRIDE", "flex")
+    monkeypatch.setattr(A, "_FLEX_COMPILED", A._flex_api()[0])   # eager reference implementation
+    calls = []
+    real = A._flex
+    monkeypatch.setattr(A, "_flex", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    return calls
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+@pytest.mark.parametrize("window", [0, 1, 7, 16, 38])
+def test_flex_matches_naive(flex_eager, window):
+    q, k, v = (t.float() for t in qkv())   # 40 tokens, GQA 4:2
+    with torch.no_grad():
+        y = A.attention(q, k, v, window)
+    assert len(flex_eager) == 1   # the window cuts: FlexAttention took it
+    torch.testing.assert_close(y, naive(q, k, v, window), rtol=1e-5, atol=1e-5)
+
+def test_flex_not_used_where_sdpa_is_exact(flex_eager):
+    q, k, v = (t.float() for t in qkv())
+    A.attention(q, k, v, 39)   # the window covers every key: plain causal SDPA
+    A.attention_with_kvcache(q[:, :1], torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16), k[:, :1], v[:, :1],
+                             torch.zeros(2, dtype=torch.int32), 3)   # single-token decode
+    assert flex_eager == []
+
+@pytest.mark.parametrize("window", [3, 8])   # both cut the 10-token prefill and the 7-token chunk
+def test_flex_kvcache_prefill_then_decode_matches_naive(flex_eager, window):
+    B, T, H, Hkv, D = 2, 33, 4, 2, 16
+    q, k, v = (t.float() for t in qkv(B, T, H, Hkv, D, seed=1))
+    kc, vc, sl = torch.zeros(B, 48, Hkv, D), torch.zeros(B, 48, Hkv, D), torch.zeros(B, dtype=torch.int32)
+    outs, pos = [], 0
+    with torch.no_grad():
+        for n in [10, 7] + [1] * (T - 17):   # prefill, a chunk onto the cache (query offset 10), then decode
+            outs.append(A.attention_with_kvcache(q[:, pos:pos + n], kc, vc, k[:, pos:pos + n], v[:, pos:pos + n],
+                                                 sl, window))
+            pos += n
+            sl += n
+    assert len(flex_eager) == 2
+    torch.testing.assert_close(torch.cat(outs, 1), naive(q, k, v, window), rtol=1e-5, atol=1e-5)
+
+def test_flex_on_cpu_refuses_a_backward(monkeypatch):
+    monkeypatch.setattr(A, "OVERRIDE", "flex")
+    q, k, v = (t.float().requires_grad_() for t in qkv(T=24))
+    with pytest.raises(RuntimeError, match="forward-only"):
+        A.attention(q, k, v, 5)
+
+def test_flex_compiled_kernel_matches_naive(monkeypatch):
+    """The real (compiled) kernel once, at a length that is not a multiple of its 128-token blocks."""
+    monkeypatch.setattr(A, "OVERRIDE", "flex")
+    q, k, v = (t.float() for t in qkv(B=1, T=200, H=2, Hkv=2, D=16, seed=3))
+    with torch.no_grad():
+        y = A.attention(q, k, v, 50)
+    torch.testing.assert_close(y, naive(q, k, v, 50), rtol=1e-4, atol=1e-4)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU-only here")
+
+@cuda
+@pytest.mark.parametrize("window", [16, 100])
+def test_flex_cuda_forward_backward_matches_naive(monkeypatch, window):
+    monkeypatch.setattr(A, "OVERRIDE", "flex")
+    q, k, v = (t.to("cuda", torch.float32).requires_grad_() for t in qkv(2, 256, 4, 2, 64))
+    A.attention(q, k, v, window).square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
+    ref = naive(q2, k2, v2, window)
+    ref.square().sum().backward()
+    for a, b in zip(grads, (q2.grad, k2.grad, v2.grad)):
+        torch.testing.assert_close(a.double(), b, rtol=2e-3, atol=2e-3)
 
 # -----------------------------------------------------------------------------
 # FA3 vs SDPA (CUDA + FA3 only)

@@ -37,9 +37,10 @@ def test_bench_decode_vs_nanochat_runs_picochat_side(tmp_path, capsys):
                                 "class GPT(_G):\n    def __init__(self, config):\n        super().__init__(config, torch.float32)\n")
     rc = load("bench_decode_vs_nanochat").main(["--nanochat", str(tmp_path), "--depth", "1", "--vocab-size", "256",
                                                 "--max-seq-len", "64", "--prompt-tokens", "16", "--decode-tokens", "4",
-                                                "--rounds", "1"])
+                                                "--rounds", "1", "--decode-dtype", "model"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and result["same_tokens"] is True and result["medians"]["picochat"]["decode"] > 0
+    assert result["decode_dtype"] == "float32"
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from picochat.engine import Engine, TextStreamer, use_calculator, sample_next_token
+from picochat.engine import (DECODE_COPY_MAX_ROWS, Engine, TextStreamer, use_calculator, sample_next_token,
+                             resolve_decode_dtype)
 from picochat.gpt import GPTConfig, build_model
 
 
@@ -90,6 +91,33 @@ def test_bf16_decode_copy(tiny_model, tiny_tokenizer):
         ref, got = tiny_model(ids)[0, len(prompt):], twin(ids)[0, len(prompt):].float()
     assert ((ref - got).norm() / ref.norm()).item() < 5e-2
     assert Engine(tiny_model, tiny_tokenizer, decode_dtype=torch.float32).decode_model is tiny_model
+    # which weights decode: the copy by default; the fp32 model itself with exact=True, and for a batch beyond
+    # DECODE_COPY_MAX_ROWS (emulated bf16 is slower there). Asked of the engine directly: this tiny model's greedy
+    # tokens happen to agree in bf16 and fp32, so the tokens alone could not tell.
+    used = []
+    real = engine._last_logits
+    engine._last_logits = lambda ids, kv, model=None: used.append(model) or real(ids, kv, model)
+    def decoders(**kw):
+        used.clear()
+        out = [c for c, _ in engine.generate(prompt, max_tokens=4, temperature=0.0, **kw)]
+        return out, {id(m) for m in used[1:]}   # used[0] is the prefill (the master model's)
+    _, by_default = decoders()
+    exact, by_exact = decoders(exact=True)
+    _, by_wide = decoders(num_samples=DECODE_COPY_MAX_ROWS + 1)
+    _, by_narrow = decoders(num_samples=DECODE_COPY_MAX_ROWS)
+    assert by_default == by_narrow == {id(twin)} and by_exact == by_wide == {id(tiny_model)}
+    assert [c[0] for c in exact] == _naive_greedy(tiny_model, prompt, 4)
+
+
+def test_decode_dtype_choice(tiny_model):
+    assert resolve_decode_dtype("auto", tiny_model)[0] == torch.bfloat16   # fp32 weights on CPU: halve the bytes
+    assert resolve_decode_dtype("bfloat16", tiny_model)[0] == torch.bfloat16
+    dtype, note = resolve_decode_dtype("model", tiny_model)
+    assert dtype is None and "own weights" in note
+    bf16_compute = SimpleNamespace(compute_dtype=torch.bfloat16, parameters=tiny_model.parameters)
+    assert resolve_decode_dtype("auto", bf16_compute)[0] is None   # a bf16-native CPU (or CUDA) computes in bf16
+    with pytest.raises(ValueError, match="decode-dtype"):
+        resolve_decode_dtype("float8", tiny_model)
 
 def test_first_token_sampled_per_row(tiny_model, tiny_tokenizer):
     engine = Engine(tiny_model, tiny_tokenizer)
@@ -312,7 +340,10 @@ def test_infer_bench_random_init_json(picochat_home, capsys):
     assert all(r["decode_steps"] == 4 and r["tpot_sec"] > 0 and r["mbu_percent"] is None for r in doc["sweep"])
     cfg = doc["model_config"]
     D = cfg["n_embd"] // cfg["n_head"]
-    assert doc["kv_bytes_per_token"] == cfg["n_layer"] * 2 * cfg["n_kv_head"] * D * 4  # fp32 cache on CPU
+    # fp32 on CPU: decode (and its cache) runs on a bf16 copy by default (--decode-dtype auto)
+    assert doc["compute_dtype"] == "float32" and doc["decode_dtype"] == "bfloat16"
+    assert doc["kv_bytes_per_token"] == cfg["n_layer"] * 2 * cfg["n_kv_head"] * D * 2
+    assert doc["weight_bytes"] == 2 * sum(n for n in doc["param_dtypes"].values())
     assert doc["peak_flops_per_sec"] > 0 and doc["prefill"]["mfu_percent"] > 0
 
 

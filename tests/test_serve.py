@@ -435,6 +435,11 @@ def test_serve_loads_a_checkpoint(picochat_home, tiny_tokenizer, monkeypatch):
     assert latest_source(None) == "sft"
     workers, meta = serve.load_workers("sft", "cpu", num_workers=1)
     assert meta["step"] == 7 and len(workers) == 1
+    # fp32 on CPU: decode reads a bf16 copy by default; --decode-dtype model keeps the model's own weights
+    engine = workers[0].engine
+    assert engine.decode_model is not engine.model and engine.decode_model.compute_dtype == torch.bfloat16
+    plain = serve.load_workers("sft", "cpu", num_workers=1, decode_dtype="model")[0][0].engine
+    assert plain.decode_model is plain.model
     # main() wires flags to create_app and uvicorn.run; capture instead of listening
     seen = {}
     monkeypatch.setattr("uvicorn.run", lambda app, host, port, **kw: seen.update(app=app, host=host, port=port))

@@ -22,7 +22,7 @@ import torch
 from picochat import sandbox
 from picochat.common import HelpFormatter, compute_init
 from picochat.checkpoint import latest_source, load_model
-from picochat.engine import Engine, TextStreamer
+from picochat.engine import DECODE_DTYPES, Engine, TextStreamer, resolve_decode_dtype
 
 def tokens_to_parts(tokens, tokenizer) -> list:
     """An assistant reply's tokens -> message content parts (text / python / python_output), so the next
@@ -82,6 +82,9 @@ def main(argv=None):
     parser.add_argument("--sandbox", action="store_true", help="let the python tool run code in the sandbox")
     sandbox.add_unsafe_flag(parser)
     parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
+    parser.add_argument("--decode-dtype", default="auto", choices=DECODE_DTYPES,
+                        help="weights the reply is decoded with: auto = a bf16 copy where the model computes in fp32 "
+                             "on CPU (about twice the tokens/s), model = the model's own")
     args = parser.parse_args(argv)
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
@@ -98,7 +101,9 @@ def main(argv=None):
     except FileNotFoundError as e:
         print(f"picochat chat: error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(model, tokenizer, sandbox=sandbox_mode)
+    decode_dtype, decode_note = resolve_decode_dtype(args.decode_dtype, model)
+    engine = Engine(model, tokenizer, sandbox=sandbox_mode, decode_dtype=decode_dtype)
+    print(decode_note, file=sys.stderr)
     is_chat = source != "base"
     print(f"Loaded the {source} model (step {meta.get('step')}, {model.config.n_layer} layers) on {rt.device}, "
           f"context {engine.sequence_len} tokens (a reply takes up to {min(args.max_tokens, engine.sequence_len // 2)})."

@@ -29,7 +29,7 @@ from picochat.common import (HelpFormatter, compute_init, synchronize, device_na
 from picochat.gpt import config_from_depth, build_model
 from picochat.tokenizer import get_tokenizer
 from picochat.checkpoint import load_model
-from picochat.engine import Engine
+from picochat.engine import DECODE_COPY_MAX_ROWS, DECODE_DTYPES, Engine, resolve_decode_dtype
 
 PARAGRAPH = ("The history of science is the study of the development of science and scientific knowledge, "
              "including both the natural and social sciences. Science is a body of empirical, theoretical, "
@@ -138,8 +138,9 @@ def main(argv=None):
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help='sampling temperature (0: greedy)')
     parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"],
                         help='cuda|cpu|mps (default: autodetect) (empty: autodetect)')
-    parser.add_argument("--decode-dtype", default="", choices=["", "bfloat16"],
-                        help="decode with a copy of the model whose weights are in this dtype (empty = the model's)")
+    parser.add_argument("--decode-dtype", default="auto", choices=DECODE_DTYPES,
+                        help="weights decode runs with: auto = a bf16 copy where the model computes in fp32 on CPU "
+                             "(what `picochat chat` and `serve` do), model = the model's own")
     args = parser.parse_args(argv)
 
     rt = compute_init(args.device_type)
@@ -154,7 +155,9 @@ def main(argv=None):
     model.eval()
     T = model.config.sequence_len
     prompt_tokens = max(1, min(prompt_tokens, T - decode_tokens))
-    engine = Engine(model, tokenizer, decode_dtype=getattr(torch, args.decode_dtype) if args.decode_dtype else None)
+    decode_dtype, decode_note = resolve_decode_dtype(args.decode_dtype, model)
+    engine = Engine(model, tokenizer, decode_dtype=decode_dtype)
+    print0(decode_note)
     engine.assistant_end = engine.bos = engine.python_start = -1  # never stop early, never call tools
     if isinstance(tokenizer, _BenchTokenizer):
         g = torch.Generator().manual_seed(0)
@@ -167,7 +170,7 @@ def main(argv=None):
         prompt = tokenizer.encode(text, prepend="<|bos|>")[:prompt_tokens]
 
     name = device_name(rt.device_type)
-    card = static_card(model, prompt_tokens, decode_tokens)
+    card = static_card(engine.decode_model, prompt_tokens, decode_tokens)   # the weights decode reads
     if cuda:
         peak_flops, peak_bw = get_peak_flops(name), get_peak_bandwidth(name)
     else:
@@ -220,6 +223,8 @@ def main(argv=None):
     result = dict(
         source=info["source"], step=info["step"], model_config=model.config.to_dict(), gpu=name if cuda else None,
         device=name, device_type=rt.device_type, compute_dtype=str(rt.dtype).removeprefix("torch."),
+        decode_dtype=str(engine.decode_model.compute_dtype).removeprefix("torch."),   # for batches up to:
+        decode_copy_max_rows=DECODE_COPY_MAX_ROWS if engine.decode_model is not model else None,
         peak_bandwidth_bytes_per_sec=peak_bw, total_vram_bytes=mem if cuda else None, total_memory_bytes=mem,
         num_params=card["num_params"], param_dtypes=card["param_dtypes"], weight_bytes=card["weight_bytes"],
         kv_bytes_per_token=card["kv_bytes_per_token"], kv_read_bytes_per_step=card["kv_read_bytes_per_step"],

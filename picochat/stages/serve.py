@@ -46,7 +46,7 @@ from picochat import PACKAGE_DIR
 from picochat.api_schema import Limits, APIError, ChatRequest, parse_chat_request, parse_completion_request
 from picochat.checkpoint import load_model, latest_source
 from picochat.common import HelpFormatter, autodetect_device_type, check_device_type, logger
-from picochat.engine import Engine
+from picochat.engine import DECODE_DTYPES, Engine, resolve_decode_dtype
 from picochat.serving import Generation, Server, Worker, sequence_len
 from picochat.http_guard import RequestGuard, RequestMetrics, H11_MAX_EVENT_BYTES, MAX_JSON_DEPTH, json_depth
 
@@ -413,7 +413,7 @@ async def _completion_stream(reqs, echo_texts, head, start_generation):
 # -----------------------------------------------------------------------------
 # Running it
 
-def load_workers(source, device_type, num_workers, model_tag=None, step=None):
+def load_workers(source, device_type, num_workers, model_tag=None, step=None, decode_dtype="auto"):
     """One replica per device: cuda:0..N-1 on CUDA, a single one on CPU/MPS."""
     if device_type != "cuda" and num_workers > 1:
         logger.warning("more than one worker needs CUDA (one replica per GPU); using 1 on %s", device_type)
@@ -424,8 +424,9 @@ def load_workers(source, device_type, num_workers, model_tag=None, step=None):
     for i in range(num_workers):
         device = torch.device(f"cuda:{i}") if device_type == "cuda" else torch.device(device_type)
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-        workers.append(Worker(i, Engine(model, tokenizer), tokenizer, device))
-        logger.info("worker %d: %s step %s on %s", i, source, meta.get("step"), device)
+        dtype, note = resolve_decode_dtype(decode_dtype, model)
+        workers.append(Worker(i, Engine(model, tokenizer, decode_dtype=dtype), tokenizer, device))
+        logger.info("worker %d: %s step %s on %s; %s", i, source, meta.get("step"), device, note)
     return workers, meta
 
 def main(argv=None):
@@ -453,6 +454,10 @@ def main(argv=None):
                    help="drop a long conversation's oldest turns to fit the context instead of refusing it with "
                         "a 400 (context_length_exceeded)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--decode-dtype", default="auto", choices=DECODE_DTYPES,
+                   help="weights replies are decoded with: auto = a bf16 copy where the model computes in fp32 on CPU "
+                        "(about twice the tokens/s), model = the model's own. Requests for logprobs always decode "
+                        "with the model's own weights, so the logprobs reported are those of the tokens chosen")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may stall between chunks before the request is dropped (408)")
     args = p.parse_args(argv)
@@ -470,7 +475,7 @@ def main(argv=None):
     except FileNotFoundError as e:
         print(f"picochat serve: error: {e}", file=sys.stderr)
         return 2
-    workers, meta = load_workers(source, device_type, num_workers, args.model_tag, args.step)
+    workers, meta = load_workers(source, device_type, num_workers, args.model_tag, args.step, args.decode_dtype)
     tag = meta["model_tag"]
     model_name = f"picochat-{source}-{tag}"   # e.g. picochat-sft-d20
     limits = Limits(max_messages=args.max_messages, max_message_chars=args.max_message_chars,
