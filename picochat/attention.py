@@ -176,7 +176,7 @@ _BLOCK_MASKS = {}   # (Tq, Tk, window, device) -> BlockMask, for eager callers (
 def _flex_api():
     global _FLEX
     if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention, create_block_mask
+        from torch.nn.attention.flex_attention import flex_attention, create_block_mask  # lazy: ~0.25 s per process
         _FLEX = (flex_attention, create_block_mask)
     return _FLEX
 
