@@ -75,7 +75,9 @@ def static_card(model, prompt_tokens, decode_tokens):
         for w in windows:
             w = min(w, n)
             attn += 4 * H * D * (w * (w + 1) // 2 + (n - w) * w)
-        return 2 * n_matmul * n + attn
+        # the engine's prefill runs the lm_head on the last position only (the only logits it samples from)
+        head = model.lm_head.weight.numel() if hasattr(model, "final_hidden") else 0
+        return 2 * (n_matmul - head) * n + 2 * head + attn
     return dict(num_params=sum(p.numel() for p in params), param_dtypes=dict(dtypes), weight_bytes=weight_bytes,
                 kv_bytes_per_token=kv_per_token, kv_read_bytes_per_step=kv_read, context_mid=ctx_mid,
                 decode_flops_per_token=decode_flops, prefill_flops=prefill_flops(prompt_tokens), n_matmul=n_matmul)
