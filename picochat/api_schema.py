@@ -45,6 +45,7 @@ class ChatRequest:
     logprobs: int | None = None   # top alternatives per token to report (0: only the chosen token's); None: off
     prompt_tokens: list | None = None  # /v1/completions: the raw prompt as token ids (no chat template)
     echo: bool = False            # /v1/completions: the prompt comes back in front of the text (and its logprobs)
+    prompt: str | list | None = None  # /v1/completions: the prompt as the client sent it (text, or token ids)
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 20 on chat, 5 on legacy completions)
 
@@ -276,6 +277,6 @@ def parse_completion_request(body, limits: Limits, defaults: dict, encode, vocab
         raise APIError("'max_tokens': 0 (score the prompt) needs stream: false", param="max_tokens",
                        code="invalid_value")
     _refuse_unhonoured(body)
-    return [ChatRequest(messages=[], prompt_tokens=ids, echo=echo, logprobs=logprobs, include_usage=False, **s)
-            for ids in token_lists]
+    return [ChatRequest(messages=[], prompt_tokens=ids, prompt=p, echo=echo, logprobs=logprobs, include_usage=False,
+                        **s) for p, ids in zip(prompts, token_lists)]
 

@@ -228,11 +228,19 @@ def _agree_min(n: int) -> int:
     return n
 
 
+BUDGET_RECHECK = 0.05   # --max-time-s: after the refit, the horizon is re-checked every 5% of the run
+
+
 class Horizon:
     """How many optimizer steps the run takes. Either known from the start (`steps`), or, with a wall-clock
     budget (`budget_s` > 0, counted from `t_start`), fixed after the first BUDGET_PROBE_STEPS steps from their
     measured speed and refit once before the warmdown. Until it is fixed, `steps` is None and `schedule_steps`
-    is a placeholder so large that the schedule stays in its warmup/constant phase."""
+    is a placeholder so large that the schedule stays in its warmup/constant phase.
+    After the refit the horizon is re-checked every BUDGET_RECHECK of the run against the speed of the recent
+    steps, because a machine can slow down mid-run (a busy neighbour on a shared box made steps 60% slower after
+    the refit and the run 45% longer than its budget). A re-check may only SHORTEN the run: the warmdown's LR
+    multiplier at a given step falls as the horizon shrinks, so the LR stays non-increasing; a faster machine
+    just ends a little under budget."""
 
     def __init__(self, steps, budget_s=-1.0, t_start=0.0, start_step=0, warmdown_ratio=0.0, eval_every=0):
         self.steps = None if budget_s > 0 else steps
@@ -240,6 +248,7 @@ class Horizon:
         self.warmdown_ratio, self.eval_every = warmdown_ratio, eval_every
         self.probe_end = start_step + BUDGET_PROBE_STEPS
         self.refine_at = None
+        self.recheck_at = None
         self.step_times, self.eval_cost = [], 0.0
 
     @property
@@ -261,7 +270,7 @@ class Horizon:
         fit = self.pending and steps_done >= self.probe_end
         refit = self.refine_at is not None and steps_done == self.refine_at
         if not (fit or refit):
-            return None
+            return self._recheck(steps_done, now)
         window = self.step_times[1:] if fit else self.step_times[BUDGET_PROBE_STEPS:]  # without the warm-up step
         step_s = sorted(window)[len(window) // 2]  # median
         n = horizon_for_budget(self.budget_s, now - self.t_start, steps_done, step_s, self.eval_cost, self.eval_every)
@@ -269,6 +278,25 @@ class Horizon:
             n = max(n, math.ceil(self.refine_at / (1 - self.warmdown_ratio)) + 1)
         self.steps = _agree_min(int(n))
         self.refine_at = budget_refine_step(steps_done, self.steps, self.warmdown_ratio) if fit else None
+        self._schedule_recheck(steps_done if self.refine_at is None else self.refine_at)
         return (f"--max-time-s {self.budget_s:.0f}: {step_s * 1000:.1f} ms/step, val eval {self.eval_cost:.1f}s, "
                 f"{now - self.t_start:.1f}s spent -> horizon {self.steps:,} iterations"
                 + (" (refit)" if refit else f" (refit at step {self.refine_at})" if self.refine_at else ""))
+
+    def _schedule_recheck(self, after):
+        every = max(BUDGET_PROBE_STEPS, round(BUDGET_RECHECK * self.steps))
+        self.recheck_at = after + every if after + every < self.steps else None
+
+    def _recheck(self, steps_done, now):
+        if self.recheck_at is None or steps_done < self.recheck_at:
+            return None
+        recent = self.step_times[-max(BUDGET_PROBE_STEPS, round(BUDGET_RECHECK * self.steps)):]
+        step_s = sorted(recent)[len(recent) // 2]
+        n = horizon_for_budget(self.budget_s, now - self.t_start, steps_done, step_s, self.eval_cost, self.eval_every)
+        old = self.steps
+        self.steps = _agree_min(min(old, int(n)))
+        self._schedule_recheck(steps_done)
+        if self.steps >= old:
+            return None
+        return (f"--max-time-s {self.budget_s:.0f}: the machine slowed to {step_s * 1000:.1f} ms/step, "
+                f"{now - self.t_start:.1f}s spent -> horizon shortened from {old:,} to {self.steps:,} iterations")

@@ -93,6 +93,11 @@ def test_token_prompts_batches_and_n(stack, client):
     # a prompt that starts with BOS is taken as is: its first token has no context, as in OpenAI's API
     assert r.choices[2].logprobs.token_logprobs[0] is None and r.choices[0].logprobs.token_logprobs[0] is not None
     assert r.usage.prompt_tokens == 4 + 3
+    # echo gives back each prompt as sent: one token-id list, or each of several strings
+    one = client.completions.create(model=MODEL, prompt=[10, 20, 30], max_tokens=1, temperature=0, echo=True)
+    assert one.choices[0].text.startswith(tok.decode([10, 20, 30]))
+    two = client.completions.create(model=MODEL, prompt=["The cat", "A dog"], max_tokens=1, temperature=0, echo=True)
+    assert [c.text[:len(p)] for c, p in zip(two.choices, ["The cat", "A dog"])] == ["The cat", "A dog"]
 
 
 @pytest.mark.parametrize("body, code", [

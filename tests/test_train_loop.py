@@ -87,6 +87,35 @@ def test_horizon_fixed_or_by_budget():
     assert not resumed.pending and resumed.steps == 321
 
 
+def _simulate_budget_run(budget_s, step_time):
+    """Steps timed by step_time(step) against a Horizon with a wall-clock budget: (seconds used, LR multipliers)."""
+    from picochat.stages.base_train import lr_multiplier
+    h = Horizon(-1, budget_s=budget_s, t_start=0.0, warmdown_ratio=0.65, eval_every=0)
+    now, step, lrms = 1.0, 0, []   # 1 s of start-up
+    while h.pending or step < h.steps:
+        lrms.append(lr_multiplier(step, h.schedule_steps, 10, 0.65, 0.05))
+        dt = step_time(step)
+        now += dt
+        step += 1
+        h.observe(step, dt, now)
+    return now, lrms
+
+
+def test_budget_holds_when_the_machine_slows_down_mid_run():
+    """A busy neighbour makes every step 60% slower after the refit: re-checks shorten the horizon, so the run still
+    ends within its budget, and the LR never goes up after the warmup. Without the re-checks this run overshot."""
+    budget = 300.0
+    used, lrms = _simulate_budget_run(budget, lambda s: 0.1 if s < 400 else 0.16)
+    assert 0.93 * budget <= used <= budget, used
+    after_warmup = lrms[10:]
+    assert all(b <= a + 1e-12 for a, b in zip(after_warmup, after_warmup[1:]))
+    steady, _ = _simulate_budget_run(budget, lambda s: 0.1)
+    assert 0.95 * budget <= steady <= budget
+    # a machine that gets FASTER is never made to run longer than the horizon it chose: it ends a bit early
+    faster, lrms = _simulate_budget_run(budget, lambda s: 0.1 if s < 400 else 0.08)
+    assert faster <= budget and all(b <= a + 1e-12 for a, b in zip(lrms[10:], lrms[11:]))
+
+
 def test_run_record_round_trip_and_clear_errors():
     from picochat.run_record import RunRecord
     run = RunRecord(stage="base", model_tag="d2", compute_dtype="float32", max_seq_len=64, device_batch_size=2,

@@ -78,8 +78,8 @@ def build_parser():
       help='optimizer steps (-1: from --target-flops or --target-param-data-ratio)')
     a("--max-time-s", type=float, default=-1.0,
       help="wall-clock budget of the whole command (start-up, evals and the final save included): the horizon is "
-           f"set after the first {BUDGET_PROBE_STEPS} steps from their measured speed and refit once before the "
-           f"warmdown (overrides the other horizons)")
+           f"set after the first {BUDGET_PROBE_STEPS} steps from their measured speed, refit once before the "
+           f"warmdown, and shortened if the machine slows down later (overrides the other horizons)")
     a("--expect-steps", type=int, default=0,
       help="with --max-time-s: the steps the budget gives on a quiet machine of the kind you expect (a recipe "
            "states it); a horizon under half of it is announced as a slow or busy machine, at the start and in "
@@ -442,12 +442,13 @@ def main(argv=None):
         synchronize(device_type)
         dt = time.time() - t0
 
-        # -- --max-time-s: fix the horizon once the first steps have been timed (and refit it once) --
+        # -- --max-time-s: fix the horizon once the first steps have been timed (refit it once, shorten it if the
+        # machine slows down) --
         was_pending = horizon.pending
         message = horizon.observe(step + 1, dt, time.time())
         if message:
             print0(message)
-            if 0 < horizon.steps < 0.5 * args.expect_steps:
+            if 0 < horizon.steps < 0.5 * args.expect_steps and "slow_machine" not in loop:
                 loop["slow_machine"] = (f"SLOW OR BUSY MACHINE: the {args.max_time_s:g}s budget fits only "
                                         f"{horizon.steps:,} steps, {100 * horizon.steps / args.expect_steps:.1f}% of "
                                         f"the {args.expect_steps:,} a quiet machine gives (--expect-steps): expect a "

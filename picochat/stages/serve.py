@@ -218,9 +218,7 @@ def create_app(workers, model_name="picochat", limits: Limits | None = None, def
                 raise APIError(f"prompt {i} takes {n} tokens (with BOS); this model's context is {ctx} and at least "
                                "one more is needed to complete it. Shorten the prompt", param="prompt",
                                code="context_length_exceeded")
-        prompts = body["prompt"] if isinstance(body["prompt"], list) and not isinstance(body["prompt"][0], int) \
-            else [body["prompt"]]
-        echo_texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+        echo_texts = [r.prompt if isinstance(r.prompt, str) else tok.decode(r.prompt) for r in reqs]
         head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name, "system_fingerprint": "picochat"}
         if reqs[0].stream:
