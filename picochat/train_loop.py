@@ -237,8 +237,8 @@ class Horizon:
     measured speed and refit once before the warmdown. Until it is fixed, `steps` is None and `schedule_steps`
     is a placeholder so large that the schedule stays in its warmup/constant phase.
     After the refit the horizon is re-checked every BUDGET_RECHECK of the run against the speed of the recent
-    steps, because a machine can slow down mid-run (a busy neighbour on a shared box made steps 60% slower after
-    the refit and the run 45% longer than its budget). A re-check may only SHORTEN the run: the warmdown's LR
+    steps, because a machine can slow down mid-run (a busy neighbour on a shared box made the CPU demo's steps
+    265 -> 400-650 ms after the refit, and its 1200 s run took 1844 s). A re-check may only SHORTEN the run: the warmdown's LR
     multiplier at a given step falls as the horizon shrinks, so the LR stays non-increasing; a faster machine
     just ends a little under budget."""
 
