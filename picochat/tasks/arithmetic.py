@@ -9,14 +9,12 @@ opens with the tool call, so the very first token already separates "compute thi
 The tool's output part is the calculator's own rendering of the expression (str of eval: 144 / 12 -> 12.0), so
 training shows exactly what inference will force. Evaluated like GSM8K (the number after '#### ').
 
-Each example comes from its own seed (train: index, test: TEST_SEED_OFFSET + index), like SpellingBee.
+Each example comes from its own seed (tasks.common.SyntheticTask), like SpellingBee.
 """
 import random
 
-from picochat.tasks.common import Task
+from picochat.tasks.common import SyntheticTask
 from picochat.tasks.gsm8k import final_answer_matches
-
-TEST_SEED_OFFSET = 10_000_000
 
 # operator -> (python symbol, words a user might write for it)
 OPERATORS = {
@@ -63,19 +61,13 @@ def calculator_output(expr: str) -> str:
     return str(eval(expr, {"__builtins__": {}}, {}))
 
 
-class Arithmetic(Task):
-    eval_type = "generative"
+class Arithmetic(SyntheticTask):
 
     def __init__(self, size=50_000, split="train", **kwargs):
-        super().__init__(**kwargs)
-        assert split in ("train", "test"), f"Arithmetic split must be train|test, got {split!r}"
-        self.size, self.split = size, split
-
-    def num_examples(self):
-        return self.size
+        super().__init__(size, split, **kwargs)
 
     def get_example(self, index):
-        rng = random.Random(index if self.split == "train" else TEST_SEED_OFFSET + index)
+        rng = self.rng(index)
         op = rng.choice(list(OPERATORS))
         a, b = operands(rng, op)
         user = rng.choice(TEMPLATES).format(a=a, op=rng.choice(OPERATORS[op]), b=b)

@@ -135,6 +135,24 @@ class TaskSequence(Task):
         raise IndexError(index)
 
 
+class SyntheticTask(Task):
+    """`size` generated examples, example i from its own seed: train uses i, test TEST_SEED_OFFSET + i
+    (Random(k) and Random(-k) are the same stream, so a sign flip would not separate the splits)."""
+    TEST_SEED_OFFSET = 10_000_000
+    eval_type = "generative"
+
+    def __init__(self, size=1000, split="train", **kwargs):
+        super().__init__(**kwargs)
+        assert split in ("train", "test"), f"{type(self).__name__} split must be train|test, got {split!r}"
+        self.size, self.split = size, split
+
+    def num_examples(self):
+        return self.size
+
+    def rng(self, index) -> random.Random:
+        return random.Random(index if self.split == "train" else self.TEST_SEED_OFFSET + index)
+
+
 def render_mc(question: str, letters, choices) -> str:
     """Multiple-choice user text. The letter comes AFTER its choice with no space after '=', so it
     tokenizes exactly like the bare letter the assistant answers with."""

@@ -4,8 +4,7 @@ SpellingBee and SimpleSpelling: synthetic tasks that teach a token-level model t
 SpellingBee: "how many 'r' in strawberry?" in several languages; the answer spells the word out
 (`strawberry:s,t,r,...` with no space before the first letter, exactly as the reference renders it),
 counts letter by letter, double-checks with a python tool call `'word'.count('r')` and ends with `#### k`.
-Evaluated like GSM8K. Each example is generated from its own seed: train uses seed = index, test uses
-10,000,000 + index (Random(k) and Random(-k) are the same stream, so a sign flip would not separate them).
+Evaluated like GSM8K. Each example is generated from its own seed (tasks.common.SyntheticTask).
 
 SimpleSpelling: "Spell the word: apple" -> "apple:a,p,p,l,e".
 Word list: dwyl/english-words words_alpha.txt (mirror: words/words_alpha.txt).
@@ -13,12 +12,11 @@ Word list: dwyl/english-words words_alpha.txt (mirror: words/words_alpha.txt).
 import random
 
 from picochat import fetch
-from picochat.tasks.common import Task, task_data_dir
+from picochat.tasks.common import SyntheticTask, task_data_dir
 from picochat.tasks.gsm8k import final_answer_matches
 
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-TEST_SEED_OFFSET = 10_000_000
 
 # Our own phrasings; {letter} and {word} are filled in (optionally quoted).
 TEMPLATES = [
@@ -93,21 +91,12 @@ def spelling_solution(word: str, letter: str) -> list:
     ]
 
 
-class _SyntheticWordTask(Task):
-    """`size` examples, example i generated from its own seed (train: i, test: TEST_SEED_OFFSET + i)."""
-    eval_type = "generative"
+class _SyntheticWordTask(SyntheticTask):
+    """A synthetic task over the word list."""
 
     def __init__(self, size=1000, split="train", **kwargs):
-        super().__init__(**kwargs)
-        assert split in ("train", "test"), f"{type(self).__name__} split must be train|test, got {split!r}"
-        self.size, self.split = size, split
+        super().__init__(size, split, **kwargs)
         self.words = load_words()
-
-    def num_examples(self):
-        return self.size
-
-    def rng(self, index) -> random.Random:
-        return random.Random(index if self.split == "train" else TEST_SEED_OFFSET + index)
 
 
 class SpellingBee(_SyntheticWordTask):
