@@ -271,8 +271,10 @@ def test_time_budget_run_with_split_docs(tiny_home):
         assert len(fits) == 2 and fits[1][1] and not fits[0][1], out
     else:
         assert len(fits) == 1, out
-    horizon = int(fits[-1][0].replace(",", ""))
-    assert horizon > 10  # more than the timed probe steps
+    # later re-checks may shorten it (this machine's speed varies): the last horizon message is the final horizon
+    horizons = re.findall(r"--max-time-s 15: .* -> horizon (?:shortened from [\d,]+ to )?([\d,]+) iterations", out)
+    horizon = int(horizons[-1].replace(",", ""))
+    assert horizon <= int(fits[-1][0].replace(",", "")) and horizon > 10  # more than the timed probe steps
     assert wall < 1.5 * budget, f"{wall:.1f}s for a {budget}s budget\n{out}"
     assert "SLOW OR BUSY MACHINE: the 15s budget fits only" in p.stderr, out  # announced when the horizon is fit
     budget_rec = json.loads((tiny_home / "report" / "base-training.json").read_text())["data"]["budget"]
