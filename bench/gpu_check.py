@@ -136,9 +136,11 @@ def main(argv=None):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
               "-m", "picochat"]
     total = str(size["batch_per_gpu"] * args.nproc)
-    train = [*size["train"], "--total-batch-size", total, "--window-pattern", "L", "--warmup-steps", "20",
-             "--eval-every", "-1", "--eval-tokens", total, "--core-metric-every", "0", "--sample-every", "0",
-             "--save-every", "-1", "--data-dir", str(data / "shards"), *size["device"]]
+    def train_args(window_pattern):
+        return [*size["train"], "--total-batch-size", total, "--window-pattern", window_pattern, "--warmup-steps",
+                "20", "--eval-every", "-1", "--eval-tokens", total, "--core-metric-every", "0", "--sample-every", "0",
+                "--save-every", "-1", "--data-dir", str(data / "shards"), *size["device"]]
+    train = train_args("L")
 
     if not args.smoke:
         run("pytest", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fp8.py",
@@ -153,9 +155,8 @@ def main(argv=None):
                                     str(size["fp8_steps"]), "--model-tag", "gc_fp8"], env, 600, summary)
         if rc == 0:
             summary["train_fp8"] = {k: v for k, v in train_figures(home, "gc_fp8", out).items() if k != "losses"}
-        sssl = [a if a != "L" else "SSSL" for a in train]   # the --window-pattern value
-        out, rc = run("train_sssl", [*launch, "base-train", *sssl, "--num-iterations", str(size["fp8_steps"]),
-                                     "--model-tag", "gc_sssl"], env, 600, summary)
+        out, rc = run("train_sssl", [*launch, "base-train", *train_args("SSSL"), "--num-iterations",
+                                     str(size["fp8_steps"]), "--model-tag", "gc_sssl"], env, 600, summary)
         if rc == 0:
             summary["train_sssl"] = {k: v for k, v in train_figures(home, "gc_sssl", out).items() if k != "losses"}
     out, rc = run("infer", [sys.executable, "-m", "picochat", "infer-bench", "-i", "base", "-g", "gc",

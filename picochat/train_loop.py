@@ -238,9 +238,9 @@ class Horizon:
     is a placeholder so large that the schedule stays in its warmup/constant phase.
     After the refit the horizon is re-checked every BUDGET_RECHECK of the run against the speed of the recent
     steps, because a machine can slow down mid-run (a busy neighbour on a shared box made the CPU demo's steps
-    265 -> 400-650 ms after the refit, and its 1200 s run took 1844 s). A re-check may only SHORTEN the run: the warmdown's LR
-    multiplier at a given step falls as the horizon shrinks, so the LR stays non-increasing; a faster machine
-    just ends a little under budget."""
+    265 -> 400-650 ms after the refit, and its 1200 s run took 1844 s). A re-check may only SHORTEN the run:
+    the warmdown's LR multiplier at a given step falls as the horizon shrinks, so the LR stays non-increasing; a
+    faster machine just ends a little under budget."""
 
     def __init__(self, steps, budget_s=-1.0, t_start=0.0, start_step=0, warmdown_ratio=0.0, eval_every=0):
         self.steps = None if budget_s > 0 else steps
@@ -283,14 +283,19 @@ class Horizon:
                 f"{now - self.t_start:.1f}s spent -> horizon {self.steps:,} iterations"
                 + (" (refit)" if refit else f" (refit at step {self.refine_at})" if self.refine_at else ""))
 
+    @property
+    def _recheck_every(self) -> int:
+        """Steps between re-checks, also the window of recent steps each one times."""
+        return max(BUDGET_PROBE_STEPS, round(BUDGET_RECHECK * self.steps))
+
     def _schedule_recheck(self, after):
-        every = max(BUDGET_PROBE_STEPS, round(BUDGET_RECHECK * self.steps))
+        every = self._recheck_every
         self.recheck_at = after + every if after + every < self.steps else None
 
     def _recheck(self, steps_done, now):
         if self.recheck_at is None or steps_done < self.recheck_at:
             return None
-        recent = self.step_times[-max(BUDGET_PROBE_STEPS, round(BUDGET_RECHECK * self.steps)):]
+        recent = self.step_times[-self._recheck_every:]
         step_s = sorted(recent)[len(recent) // 2]
         n = horizon_for_budget(self.budget_s, now - self.t_start, steps_done, step_s, self.eval_cost, self.eval_every)
         old = self.steps

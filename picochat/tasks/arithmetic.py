@@ -13,6 +13,7 @@ Each example comes from its own seed (tasks.common.SyntheticTask), like Spelling
 """
 import random
 
+from picochat.engine import use_calculator
 from picochat.tasks.common import SyntheticTask
 from picochat.tasks.gsm8k import final_answer_matches
 
@@ -56,11 +57,6 @@ def operands(rng: random.Random, op: str) -> tuple:
     return rng.randint(0, hi), rng.randint(0, hi)
 
 
-def calculator_output(expr: str) -> str:
-    """What the engine's calculator forces for this expression (plain python arithmetic)."""
-    return str(eval(expr, {"__builtins__": {}}, {}))
-
-
 class Arithmetic(SyntheticTask):
 
     def __init__(self, size=50_000, split="train", **kwargs):
@@ -74,7 +70,7 @@ class Arithmetic(SyntheticTask):
         if rng.random() < 0.3:
             user = user.lower()
         expr = f"{a} {op} {b}"
-        output = calculator_output(expr)
+        output = str(use_calculator(expr))   # exactly what the engine forces at inference
         value = int(float(output))   # every result here is an integer (exact division)
         return {"messages": [
             {"role": "user", "content": user},
