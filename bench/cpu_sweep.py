@@ -19,6 +19,7 @@ are skipped, so an interrupted sweep continues. A human table and a final JSON l
     python bench/cpu_sweep.py --data-dir /work/shared/data/pretrain                  # default grid, 15 min each
     python bench/cpu_sweep.py --data-dir /work/shared/data/pretrain --axes depth,total_batch --budget-s 360
     python bench/cpu_sweep.py --data-dir /work/shared/data/pretrain --axes depth --axis depth=2,3,4
+    python bench/cpu_sweep.py --data-dir ../shared/data/pretrain --mode full --axes dtype --axis dtype=float32,bfloat16
     python bench/cpu_sweep.py --budget-s 20 --grid small --data-dir /tmp/tiny/pretrain --work-dir /tmp/sweep  # smoke
     PICOCHAT_MIRROR=../shared/data python bench/cpu_sweep.py     # shards downloaded into <work-dir>/data
     python bench/cpu_sweep.py --dry-run                          # print the settings and exit
@@ -40,17 +41,20 @@ REPO = Path(__file__).resolve().parents[1]
 GRIDS = {
     "default": {
         "base": {"depth": 3, "vocab": 4096, "seq_len": 256, "total_batch": 4096, "warmup": 10, "lr_mult": 1.0,
-                 "split_docs": 1, "aspect_ratio": 64, "head_dim": 64},
+                 "split_docs": 1, "aspect_ratio": 64, "head_dim": 64, "dtype": "auto"},
         "axes": {"depth": [2, 3, 4, 6], "vocab": [2048, 4096, 8192], "seq_len": [128, 256, 512],
                  "total_batch": [2048, 4096, 8192, 16384], "warmup": [0, 10, 40], "lr_mult": [0.5, 1.0, 2.0, 4.0],
-                 "split_docs": [0, 1]},
+                 "split_docs": [0, 1],
+                 # the compute dtype base-train runs in: auto (its choice by the CPU's bf16 instructions) by default;
+                 # --axis dtype=float32,bfloat16 compares the two at the same budget (forced via PICOCHAT_DTYPE)
+                 "dtype": ["auto"]},
         "device_batch": 16, "eval_tokens": 65536, "max_chars": 50_000_000,
     },
     # smoke test: seconds per run
     "small": {
         "base": {"depth": 1, "vocab": 512, "seq_len": 64, "total_batch": 512, "warmup": 1, "lr_mult": 1.0,
-                 "split_docs": 1, "aspect_ratio": 32, "head_dim": 32},
-        "axes": {"depth": [1, 2], "vocab": [512, 768]},
+                 "split_docs": 1, "aspect_ratio": 32, "head_dim": 32, "dtype": "auto"},
+        "axes": {"depth": [1, 2], "vocab": [512, 768], "dtype": ["auto"]},
         "device_batch": 4, "eval_tokens": 1024, "max_chars": 200_000,
     },
 }
@@ -82,12 +86,14 @@ def settings(grid: dict, mode: str, axes_filter=None) -> list[dict]:
 
 
 def key_of(s: dict) -> str:
-    return "_".join(f"{k}{s[k]}" for k in KEY_FIELDS)
+    # the compute dtype joins the key only when forced, so results.jsonl files from before the dtype axis still match
+    forced = s.get("dtype", "auto") != "auto"
+    return "_".join(f"{k}{s[k]}" for k in KEY_FIELDS) + (f"_dtype{s['dtype']}" if forced else "")
 
 
 def tag_of(s: dict) -> str:
     return (f"sweep_d{s['depth']}_v{s['vocab']}_t{s['seq_len']}_b{s['total_batch']}_w{s['warmup']}"
-            f"_lr{s['lr_mult']:g}_s{s['split_docs']}")
+            f"_lr{s['lr_mult']:g}_s{s['split_docs']}" + (f"_{s['dtype']}" if s.get("dtype", "auto") != "auto" else ""))
 
 
 def device_batch_for(s: dict, default: int):
@@ -178,7 +184,7 @@ def read_run(home: Path, tag: str) -> dict:
     rows = ckpt.read_metrics(d)
     dts = [r["dt"] for r in rows if r.get("dt") is not None]
     derived = run.derived
-    return {"step": step, "val_bpb": run.loop.get("val_bpb"), "dts": dts,
+    return {"step": step, "val_bpb": run.loop.get("val_bpb"), "dts": dts, "compute_dtype": run.compute_dtype,
             "scaling_params": derived.get("scaling_params"), "flops_per_token": derived.get("flops_per_token"),
             "tokens": derived.get("total_tokens")}
 
@@ -200,6 +206,8 @@ def whole_doc_bpb(home: Path, env: dict, tag: str, device_batch: int, eval_token
 def sweep_one(s, args, grid, data_dir, work) -> dict:
     home = ensure_tokenizer(s["vocab"], data_dir, args.max_chars or grid["max_chars"], work)
     env = make_env(home)
+    if s.get("dtype", "auto") != "auto":  # forced; "auto" lets base-train choose by what the CPU computes natively
+        env["PICOCHAT_DTYPE"] = s["dtype"]
     db = device_batch_for(s, grid["device_batch"])
     rec = {"key": key_of(s), **s, "device_batch": db, "budget_s": args.budget_s}
     if db is None:
@@ -218,7 +226,7 @@ def sweep_one(s, args, grid, data_dir, work) -> dict:
         return {**rec, "error": f"run failed (exit {rc}); see {log}"}
     dts = res["dts"][1:] or res["dts"]  # the first step warms up allocators and caches
     step_s = statistics.median(dts)
-    return {**rec, "num_iterations": res["step"], "tokens": res["tokens"], "scaling_params": res["scaling_params"],
+    return {**rec, "compute_dtype": res["compute_dtype"], "num_iterations": res["step"], "tokens": res["tokens"], "scaling_params": res["scaling_params"],
             "flops_per_token": res["flops_per_token"], "val_bpb": res["val_bpb"],
             "val_bpb_split_docs": res.get("val_bpb_split_docs"), "wall_s": round(wall, 2),
             "over_budget_pct": round(100 * (wall - args.budget_s) / args.budget_s, 1),
@@ -226,7 +234,8 @@ def sweep_one(s, args, grid, data_dir, work) -> dict:
 
 
 def print_table(records):
-    cols = ["depth", "vocab", "seq_len", "total_batch", "warmup", "lr_mult", "split_docs", "num_iterations", "tokens",
+    cols = ["depth", "vocab", "seq_len", "total_batch", "warmup", "lr_mult", "split_docs", "compute_dtype",
+            "num_iterations", "tokens",
             "tok_per_s",
             "wall_s", "over_budget_pct", "val_bpb", "val_bpb_split_docs"]
     print("\n" + " ".join(f"{c:>14}" for c in cols))
@@ -263,8 +272,10 @@ def main(argv=None):
     for spec in args.axis:
         name, _, values = spec.partition("=")
         if name not in grid["axes"] or not values:
-            raise SystemExit(f"error: --axis {spec!r}: expected NAME=V1,V2 with NAME one of {sorted(grid['axes'])}")
+            p.error(f"--axis {spec!r}: expected NAME=V1,V2 with NAME one of {sorted(grid['axes'])}")
         kind = type(grid["base"][name])
+        if name == "dtype" and not set(values.split(",")) <= {"auto", "float32", "bfloat16"}:
+            p.error(f"--axis {spec!r}: dtype values are auto, float32 or bfloat16")
         grid = {**grid, "axes": {**grid["axes"], name: [kind(v) for v in values.split(",")]}}
     todo = settings(grid, args.mode, args.axes.split(",") if args.axes else None)
     if args.dry_run:

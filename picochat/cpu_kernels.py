@@ -8,7 +8,6 @@ the backward makes fewer full passes over memory, which is what a 2-core CPU ste
   chunked_softcap_ce     lm_head + softcap + cross-entropy a block of rows at a time: the (N, V) logits never exist
 """
 import torch
-import torch.nn.functional as F
 
 
 class _RMSNormCPU(torch.autograd.Function):
@@ -82,13 +81,32 @@ class _ChunkedSoftcapCE(torch.autograd.Function):
         mm_buf = torch.empty(chunk, weight.size(0), dtype=x.dtype, device=x.device)
         z_buf = torch.empty(chunk, V, dtype=acc, device=x.device)
         e_buf = torch.empty(chunk, V, dtype=acc, device=x.device)
+        # a block's weight gradient in a low-precision run: no CPU GEMM takes bf16 inputs into an fp32 output, and
+        # casting the block's inputs up would run this third of the lm_head's FLOPs in fp32 (a quarter of a d4
+        # step's matmul FLOPs, 3-4x slower on a CPU with native bf16) after a strided cast of the (V, n) gradient.
+        # So the block product runs in x's dtype (fp32 accumulation inside the GEMM, one rounding per block, as
+        # every other Linear's weight gradient) and the blocks are summed in fp32.
+        # Mixed-dtype ops (a bf16 input into an fp32 output, or the reverse) take torch's scalar casting loop on CPU:
+        # tanh 1.5x, addcmul 6x, add_ 4x slower than a cast into a preallocated buffer followed by the fp32 op
+        # (measured on 2 cores, dev/LOG.md). So every cast below is an explicit copy_ into a buffer of its own.
+        gw_block = gw_wide = None
+        if need_grad and x.dtype != acc:
+            gw_block = torch.empty(weight.shape, dtype=x.dtype, device=x.device)
+            gw_wide = torch.empty(weight.shape, dtype=acc, device=x.device)
+        # the logit gradient in the GEMMs' dtype, padded to the weight's rows (the pad columns stay zero)
+        g_buf = None
+        if need_grad and (x.dtype != acc or V != weight.size(0)):
+            g_buf = torch.zeros(chunk, weight.size(0), dtype=x.dtype, device=x.device)
         xs = x * (1.0 / softcap)  # fold the softcap's 1/15 into the (small) input instead of the logits
         for s in range(0, N, chunk):
             n = min(chunk, N - s)
             xc, tc, vc = xs[s:s + n], targets[s:s + n], valid[s:s + n]
             torch.mm(xc, wt, out=mm_buf[:n])
             z = z_buf[:n]
-            torch.tanh(mm_buf[:n, :V], out=z)     # z = tanh(l/15) (fp32 even when x is bf16)
+            if mm_buf.dtype == acc:                # z = tanh(l/15), fp32 even when x is bf16
+                torch.tanh(mm_buf[:n, :V], out=z)
+            else:
+                z.copy_(mm_buf[:n, :V]).tanh_()
             z.mul_(softcap)                        # z = softcapped logits, |z| <= 15
             tsafe = tc.clamp(min=0).unsqueeze(1)
             e = torch.exp(z, out=e_buf[:n])        # no max-subtraction needed: |z| <= 15 cannot overflow
@@ -101,11 +119,15 @@ class _ChunkedSoftcapCE(torch.autograd.Function):
                 z.mul_(z)                                               # z^2 = 225 tanh^2
                 torch.addcmul(e, e, z, value=-1.0 / softcap ** 2, out=e)
                 g = e
-                if V != weight.size(0):
-                    g = F.pad(g, (0, weight.size(0) - V))
-                g = g.to(x.dtype)
+                if g_buf is not None:
+                    g = g_buf[:n]
+                    g[:, :V].copy_(e)
                 torch.mm(g, w, out=gx[s:s + n])
-                gw.addmm_(g.t().to(acc), x[s:s + n].to(acc))  # no-op casts in fp32
+                if gw_block is None:
+                    gw.addmm_(g.t(), x[s:s + n])
+                else:
+                    torch.mm(g.t(), x[s:s + n], out=gw_block)
+                    gw.add_(gw_wide.copy_(gw_block))
         row_loss.mul_(valid)  # ignored positions contribute 0 (as F.cross_entropy)
         if reduction == "none":
             return row_loss

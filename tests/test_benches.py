@@ -117,3 +117,32 @@ def test_chat_check_runs_and_its_checks_bite(picochat_home, tiny_tokenizer, caps
     assert chat_check.main(["--max-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert "30 prompts" in out and all(name in out for name in ("no_spelling", "identity", "arithmetic", "ends"))
+
+@pytest.mark.slow
+def test_cpu_sweep_forces_the_compute_dtype_and_resumes(picochat_home, tmp_path, capsys):
+    """bench/cpu_sweep.py end to end at toy size (small grid, a few seconds of training): a setting with a forced
+    dtype runs base-train in that dtype (recorded from the run's own record) and keeps its own results key; a
+    second invocation finds it in results.jsonl instead of training again."""
+    import random
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    data = tmp_path / "shards"
+    data.mkdir()
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog and ships sailed many miles and few returned".split()
+    for i in range(2):
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) + "." for _ in range(200)]
+        pq.write_table(pa.table({"text": docs}), data / f"shard_{i:05d}.parquet")
+    sweep = load("cpu_sweep")
+    argv = ["--grid", "small", "--budget-s", "8", "--mode", "full", "--axes", "dtype", "--axis", "dtype=float32",
+            "--data-dir", str(data), "--work-dir", str(tmp_path / "sweep"), "--max-chars", "20000"]
+    assert sweep.main(argv) == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert record["dtype"] == "float32" and record["compute_dtype"] == "float32", record
+    assert record["key"].endswith("_dtypefloat32") and record["num_iterations"] >= 1 and record["val_bpb"] > 0
+    capsys.readouterr()
+    assert sweep.main(argv) == 0
+    assert "already in" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        sweep.main(["--axis", "dtype=fp16", "--dry-run"])
+    assert bad.value.code == 2

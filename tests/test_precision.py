@@ -192,5 +192,47 @@ def test_bench_train_step_runs_both_dtypes_side_by_side(capsys):
     result = common.json.loads(out.strip().splitlines()[-1])
     rows = {r["dtype"]: r for r in result["results"]}
     assert set(rows) == {"float32", "bfloat16"} and rows["float32"]["speedup_vs_fp32"] == "1.00x"
+    assert set(result["peak_flops"]) == {"float32", "bfloat16"}  # both peaks, each row's MFU against its own
+    for r in rows.values():
+        assert r["peak_flops"] == result["peak_flops"][r["dtype"]]
     assert all(r["tok_per_s"] > 0 and r["mfu"] > 0 and len(r["losses"]) == 2 for r in rows.values())
     assert rows["float32"]["losses"][0] == pytest.approx(rows["bfloat16"]["losses"][0], rel=1e-2)  # same init
+
+def _load_bench(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, common.Path(__file__).parents[1] / "bench" / f"{name}.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+def test_bf16_step_runs_every_matmul_in_bf16():
+    """On a CPU with native bf16 a matmul left in fp32 runs 3-4x slower than the rest of a bf16 step, so a bf16
+    training step (forward, backward through the fused loss, optimizer) must multiply only bf16 matrices, and the
+    same count of matmul FLOPs as the fp32 step. The census itself must see an fp32 matmul when there is one."""
+    prof = _load_bench("profile_train_step")
+    args = prof.main.__globals__["argparse"].Namespace(vocab_size=300, head_dim=16, seq_len=32, window_pattern="L",
+                                                      warmup_steps=2)
+    x = torch.randint(0, 300, (2, 32))
+    y = torch.randint(0, 300, (2, 32))
+    bf16 = prof.census_of_step(1, torch.bfloat16, args, x, y)
+    fp32 = prof.census_of_step(1, torch.float32, args, x, y)
+    assert fp32.share("float32") == 1.0
+    assert bf16.share("bfloat16") == 1.0, dict(bf16.matmul_flops)
+    assert sum(bf16.flops_by_dtype().values()) == sum(fp32.flops_by_dtype().values()) > 0
+    assert "bfloat16->float32" not in fp32.cast_bytes and "float32->bfloat16" not in fp32.cast_bytes
+    with prof.DtypeCensus() as census:  # the census can fail: an fp32 product inside a bf16 computation
+        torch.mm(torch.ones(4, 8, dtype=torch.bfloat16), torch.ones(8, 2, dtype=torch.bfloat16))
+        torch.ones(4, 8, dtype=torch.bfloat16).float() @ torch.ones(8, 2)
+    assert census.share("bfloat16") == 0.5 and census.cast_bytes["bfloat16->float32"] == 4 * 8 * 4
+
+def test_profile_bench_prints_census_and_profile(capsys):
+    """bench/profile_train_step.py at toy size: the census and the profiler table for both dtypes."""
+    prof = _load_bench("profile_train_step")
+    assert prof.main(["--depth", "1", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "256",
+                      "--head-dim", "16", "--steps", "1", "--top", "5", "--warmup-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    result = common.json.loads(out.strip().splitlines()[-1])
+    assert set(result["census"]) == set(result["profile"]) == {"float32", "bfloat16"}
+    assert result["census"]["bfloat16"]["matmul_flops"] == {"bfloat16": result["census"]["float32"]["matmul_flops"]["float32"]}
+    assert any(op.startswith("aten::mm") for op in result["profile"]["bfloat16"])
+    assert "self CPU time per step" in out and "dtype census" in out
