@@ -96,7 +96,8 @@ class _ChunkedSoftcapCE(torch.autograd.Function):
         # the logit gradient in the GEMMs' dtype, padded to the weight's rows (the pad columns stay zero)
         g_buf = None
         if need_grad and (x.dtype != acc or V != weight.size(0)):
-            g_buf = torch.zeros(chunk, weight.size(0), dtype=x.dtype, device=x.device)
+            g_buf = torch.empty(chunk, weight.size(0), dtype=x.dtype, device=x.device)
+            g_buf[:, V:].zero_()  # only the pad columns need zeros: the rest is overwritten block by block
         xs = x * (1.0 / softcap)  # fold the softcap's 1/15 into the (small) input instead of the logits
         for s in range(0, N, chunk):
             n = min(chunk, N - s)
