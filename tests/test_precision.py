@@ -180,12 +180,16 @@ def test_real_detection_and_probe_run(fresh_decision):
     dtype, why = common.compute_dtype_decision("cpu")
     assert dtype in (torch.float32, torch.bfloat16) and why
 
-def test_bench_train_step_runs_both_dtypes_side_by_side(capsys):
-    """bench/bench_train_step.py at toy size: one row per (depth, dtype), bf16 compared with fp32."""
+def _load_bench(name):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_train_step", common.Path(__file__).parents[1] / "bench" / "bench_train_step.py")
+    spec = importlib.util.spec_from_file_location(name, common.Path(__file__).parents[1] / "bench" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+def test_bench_train_step_runs_both_dtypes_side_by_side(capsys):
+    """bench/bench_train_step.py at toy size: one row per (depth, dtype), bf16 compared with fp32."""
+    bench = _load_bench("bench_train_step")
     assert bench.main(["--depths", "1", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "256",
                        "--steps", "1", "--dtypes", "float32", "bfloat16", "--warmup-steps", "2", "--peak-size", "128"]) == 0
     out = capsys.readouterr().out
@@ -197,13 +201,6 @@ def test_bench_train_step_runs_both_dtypes_side_by_side(capsys):
         assert r["peak_flops"] == result["peak_flops"][r["dtype"]]
     assert all(r["tok_per_s"] > 0 and r["mfu"] > 0 and len(r["losses"]) == 2 for r in rows.values())
     assert rows["float32"]["losses"][0] == pytest.approx(rows["bfloat16"]["losses"][0], rel=1e-2)  # same init
-
-def _load_bench(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, common.Path(__file__).parents[1] / "bench" / f"{name}.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 def test_bf16_step_runs_every_matmul_in_bf16():
     """On a CPU with native bf16 a matmul left in fp32 runs 3-4x slower than the rest of a bf16 step, so a bf16
