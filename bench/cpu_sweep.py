@@ -85,15 +85,19 @@ def settings(grid: dict, mode: str, axes_filter=None) -> list[dict]:
     return out
 
 
+def forced_dtype(s: dict):
+    """The compute dtype a setting forces (via PICOCHAT_DTYPE), or None for "auto" (base-train's own choice)."""
+    return None if s.get("dtype", "auto") == "auto" else s["dtype"]
+
+
 def key_of(s: dict) -> str:
     # the compute dtype joins the key only when forced, so results.jsonl files from before the dtype axis still match
-    forced = s.get("dtype", "auto") != "auto"
-    return "_".join(f"{k}{s[k]}" for k in KEY_FIELDS) + (f"_dtype{s['dtype']}" if forced else "")
+    return "_".join(f"{k}{s[k]}" for k in KEY_FIELDS) + (f"_dtype{s['dtype']}" if forced_dtype(s) else "")
 
 
 def tag_of(s: dict) -> str:
     return (f"sweep_d{s['depth']}_v{s['vocab']}_t{s['seq_len']}_b{s['total_batch']}_w{s['warmup']}"
-            f"_lr{s['lr_mult']:g}_s{s['split_docs']}" + (f"_{s['dtype']}" if s.get("dtype", "auto") != "auto" else ""))
+            f"_lr{s['lr_mult']:g}_s{s['split_docs']}" + (f"_{s['dtype']}" if forced_dtype(s) else ""))
 
 
 def device_batch_for(s: dict, default: int):
@@ -206,8 +210,8 @@ def whole_doc_bpb(home: Path, env: dict, tag: str, device_batch: int, eval_token
 def sweep_one(s, args, grid, data_dir, work) -> dict:
     home = ensure_tokenizer(s["vocab"], data_dir, args.max_chars or grid["max_chars"], work)
     env = make_env(home)
-    if s.get("dtype", "auto") != "auto":  # forced; "auto" lets base-train choose by what the CPU computes natively
-        env["PICOCHAT_DTYPE"] = s["dtype"]
+    if forced_dtype(s):  # "auto" lets base-train choose by what the CPU computes natively
+        env["PICOCHAT_DTYPE"] = forced_dtype(s)
     db = device_batch_for(s, grid["device_batch"])
     rec = {"key": key_of(s), **s, "device_batch": db, "budget_s": args.budget_s}
     if db is None:
@@ -226,7 +230,8 @@ def sweep_one(s, args, grid, data_dir, work) -> dict:
         return {**rec, "error": f"run failed (exit {rc}); see {log}"}
     dts = res["dts"][1:] or res["dts"]  # the first step warms up allocators and caches
     step_s = statistics.median(dts)
-    return {**rec, "compute_dtype": res["compute_dtype"], "num_iterations": res["step"], "tokens": res["tokens"], "scaling_params": res["scaling_params"],
+    return {**rec, "compute_dtype": res["compute_dtype"], "num_iterations": res["step"], "tokens": res["tokens"],
+            "scaling_params": res["scaling_params"],
             "flops_per_token": res["flops_per_token"], "val_bpb": res["val_bpb"],
             "val_bpb_split_docs": res.get("val_bpb_split_docs"), "wall_s": round(wall, 2),
             "over_budget_pct": round(100 * (wall - args.budget_s) / args.budget_s, 1),

@@ -8,6 +8,8 @@ The residual scalars are the exception in bf16 (relative error up to 0.35, signs
 is a sum over every activation of the residual stream in which almost everything cancels (the final RMSNorm
 removes the stream's overall scale), so bf16's per-element rounding is a large fraction of what is left.
 """
+import argparse
+
 import pytest
 import torch
 
@@ -207,8 +209,7 @@ def test_bf16_step_runs_every_matmul_in_bf16():
     training step (forward, backward through the fused loss, optimizer) must multiply only bf16 matrices, and the
     same count of matmul FLOPs as the fp32 step. The census itself must see an fp32 matmul when there is one."""
     prof = _load_bench("profile_train_step")
-    args = prof.main.__globals__["argparse"].Namespace(vocab_size=300, head_dim=16, seq_len=32, window_pattern="L",
-                                                      warmup_steps=2)
+    args = argparse.Namespace(vocab_size=300, head_dim=16, seq_len=32, window_pattern="L", warmup_steps=2)
     x = torch.randint(0, 300, (2, 32))
     y = torch.randint(0, 300, (2, 32))
     bf16 = prof.census_of_step(1, torch.bfloat16, args, x, y)
